@@ -1,0 +1,1 @@
+"""dgemma: run, serve and fine-tune DiffusionGemma."""

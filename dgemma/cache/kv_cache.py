@@ -1,0 +1,92 @@
+"""A static KV cache: one slot (row) per sequence, each with its own length, sized once at creation.
+
+Every layer stores K/V for the whole prefix ([rows, kv_heads, max_length, head_dim]); sliding layers hide
+what lies outside their window with the attention mask, so the same storage serves both modes. Only
+`encode` writes; `denoise` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dgemma.errors import CapacityError
+from dgemma.model.config import LayerSpec
+
+
+class KVCache:
+    """K/V storage for `batch_size` rows of up to `max_length` prefix tokens each."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        *,
+        batch_size: int,
+        max_length: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        if batch_size <= 0 or max_length <= 0:
+            raise CapacityError(
+                f"cache needs batch_size > 0 and max_length > 0, got {batch_size}, {max_length}"
+            )
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.keys = [
+            torch.zeros(batch_size, s.num_kv_heads, max_length, s.head_dim, device=device, dtype=dtype)
+            for s in layers
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self._lengths = [0] * batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    def lengths(self, rows: Sequence[int] | None = None) -> list[int]:
+        """Tokens encoded so far, per row (all rows when `rows` is None)."""
+        return list(self._lengths) if rows is None else [self._lengths[r] for r in rows]
+
+    def rows_or_all(self, rows: Sequence[int] | None) -> list[int]:
+        if rows is None:
+            return list(range(self.batch_size))
+        rows = list(rows)
+        bad = [r for r in rows if not 0 <= r < self.batch_size]
+        if bad:
+            raise IndexError(f"cache rows {bad} out of range 0..{self.batch_size - 1}")
+        return rows
+
+    def check_room(self, rows: Sequence[int], num_tokens: int) -> None:
+        for r in rows:
+            if self._lengths[r] + num_tokens > self.max_length:
+                raise CapacityError(
+                    f"cache row {r} holds {self._lengths[r]} of {self.max_length} tokens; "
+                    f"{num_tokens} more do not fit (create the cache with a larger max_length)"
+                )
+
+    def write(self, layer: int, rows: Sequence[int], k_BTKE: torch.Tensor, v_BTKE: torch.Tensor) -> None:
+        """Store new K/V [B, T, K, E] at each row's current end (lengths advance in `advance`)."""
+        num_new = k_BTKE.shape[1]
+        row_idx = torch.tensor(rows, device=self.device)[:, None]
+        pos = torch.tensor(self.lengths(rows), device=self.device)[:, None] + torch.arange(
+            num_new, device=self.device
+        )
+        self.keys[layer][row_idx, :, pos] = k_BTKE.to(self.keys[layer].dtype)
+        self.values[layer][row_idx, :, pos] = v_BTKE.to(self.values[layer].dtype)
+
+    def read(self, layer: int, rows: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [B, K, length, E] of the given rows (positions past a row's end are stale: mask them)."""
+        if rows == list(range(self.batch_size)):
+            return self.keys[layer][:, :, :length], self.values[layer][:, :, :length]
+        idx = torch.tensor(rows, device=self.device)
+        return self.keys[layer][idx, :, :length], self.values[layer][idx, :, :length]
+
+    def advance(self, rows: Sequence[int], num_tokens: int) -> None:
+        for r in rows:
+            self._lengths[r] += num_tokens
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Forget the prefix of these rows (their slots can hold a new sequence)."""
+        for r in self.rows_or_all(rows):
+            self._lengths[r] = 0

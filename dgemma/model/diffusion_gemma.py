@@ -1,0 +1,253 @@
+"""The DiffusionGemma text backbone: one set of weights, two entry points.
+
+- `encode(token_ids, cache)`: causal, appends K/V to the cache, returns final-normed hidden states.
+- `denoise(canvas_ids, cache, self_conditioning_logits)`: bidirectional over the canvas plus the cached
+  prefix, never writes; returns fp32 soft-capped logits [B, C, V].
+
+Shape legend: B rows, T new tokens, C canvas tokens, D hidden, V vocabulary.
+Only two things differ between modes: the self-conditioning block (denoise only) and the per-layer
+`layer_scalar`, which the checkpoint stores once per mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.cache.kv_cache import KVCache
+from dgemma.errors import CapacityError, RequestError
+from dgemma.model.attention import Attention
+from dgemma.model.config import LayerSpec, ModelConfig
+from dgemma.model.layers import Experts, GatedMLP, RMSNorm, Router, rope_cos_sin, rope_inv_freq
+
+
+class Layer(nn.Module):
+    """r = x + post_attn(attn(in(x))); out = (r + post_ff(post_ff_1(mlp(pre_ff(r))) + post_ff_2(experts(
+    pre_ff_2(r)))) * layer_scalar, with the router reading the raw residual r."""
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(spec, d, config.num_heads, eps, config.attention_bias)
+        self.mlp = GatedMLP(d, config.intermediate_size, config.hidden_activation)
+        self.router = Router(d, config.num_experts, config.top_k_experts, eps)
+        self.experts = Experts(config.num_experts, d, config.moe_intermediate_size, config.hidden_activation)
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(d, eps))
+        self.encoder_layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.decoder_layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def feed_forward(self, r_BTD: torch.Tensor) -> torch.Tensor:
+        h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r_BTD)))
+        flat = r_BTD.reshape(-1, r_BTD.shape[-1])
+        weights, index = self.router(flat)
+        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).reshape(r_BTD.shape)
+        return r_BTD + self.post_feedforward_layernorm(h1 + self.post_feedforward_layernorm_2(h2))
+
+    def forward(self, x, cos, sin, cache, layer, rows, starts, *, denoise: bool):
+        attn = self.self_attn.denoise if denoise else self.self_attn.encode
+        r = x + self.post_attention_layernorm(
+            attn(self.input_layernorm(x), cos, sin, cache, layer, rows, starts)
+        )
+        scalar = self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
+        return self.feed_forward(r) * scalar
+
+
+class SelfConditioning(nn.Module):
+    """post_norm(canvas_embeds + mlp(pre_norm(soft_embeds))), post_norm without scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.pre_norm = RMSNorm(d, config.rms_norm_eps)
+        self.post_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
+        self.mlp = GatedMLP(d, config.intermediate_size, config.hidden_activation)
+
+    def forward(self, embeds_BCD: torch.Tensor, soft_BCD: torch.Tensor | None) -> torch.Tensor:
+        if soft_BCD is None:  # first step: the signal is zeros, and the MLP maps zeros to exactly zero
+            return self.post_norm(embeds_BCD)
+        return self.post_norm(embeds_BCD + self.mlp(self.pre_norm(soft_BCD)))
+
+
+class DiffusionGemma(nn.Module):
+    """The text model. Build with `from_pretrained`, or directly from a `ModelConfig` (random init)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(Layer(config, spec) for spec in config.layers)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self._inv_freq: dict[tuple, torch.Tensor] = {}
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> DiffusionGemma:
+        """Load a Hugging Face-layout checkpoint (local directory or Hub repo id) onto `device`.
+
+        Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32. Weights stream into place
+        one tensor at a time (peak memory about one copy of the weights)."""
+        from dgemma.model.weights import load_model, resolve_checkpoint
+
+        return load_model(resolve_checkpoint(path_or_repo_id), device=device, dtype=dtype, progress=progress)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, *, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to `max_length` encoded tokens each."""
+        if max_length > self.config.max_position_embeddings:
+            raise CapacityError(
+                f"max_length {max_length} exceeds the model's context of "
+                f"{self.config.max_position_embeddings} positions"
+            )
+        return KVCache(
+            self.config.layers,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    # -- the two modes -------------------------------------------------------------------------------
+    def _rope(self, spec: LayerSpec, positions: torch.Tensor, dtype: torch.dtype):
+        key = (spec.rope, spec.head_dim)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(spec.rope, spec.head_dim).to(positions.device)
+        return rope_cos_sin(self._inv_freq[key], positions, dtype)
+
+    def _run_layers(self, x, cache: KVCache, rows: list[int], *, denoise: bool):
+        starts = torch.tensor(cache.lengths(rows), device=x.device)
+        positions = starts[:, None] + torch.arange(x.shape[1], device=x.device)
+        tables = {}
+        for i, layer in enumerate(self.layers):
+            spec = self.config.layers[i]
+            key = (spec.rope, spec.head_dim)
+            if key not in tables:
+                tables[key] = self._rope(spec, positions, x.dtype)
+            cos, sin = tables[key]
+            x = layer(x, cos, sin, cache, i, rows, starts, denoise=denoise)
+        return self.norm(x)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # the scale is cast to the weight dtype first (sqrt(2816) is 53.0 in bf16), as in the reference
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+        return self.embed_tokens(ids) * scale.to(ids.device)
+
+    def _check_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
+            raise RequestError(f"{what} must be an integer tensor [batch, length], got {_describe(ids)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise RequestError(f"{what} holds ids outside the vocabulary 0..{self.config.vocab_size - 1}")
+        if self.config.image_token_id is not None and bool((ids == self.config.image_token_id).any()):
+            raise RequestError("image inputs are not supported yet (found the image placeholder token)")
+        return ids.to(self.device, torch.long)
+
+    def encode(self, token_ids: torch.Tensor, cache: KVCache, *, rows: Sequence[int] | None = None):
+        """Append `token_ids` [B, T] to the cache rows (all rows, or `rows`); return hidden [B, T, D]."""
+        rows = cache.rows_or_all(rows)
+        token_ids = self._check_ids(token_ids, "token_ids")
+        if token_ids.shape[0] != len(rows):
+            raise RequestError(f"token_ids has {token_ids.shape[0]} rows for {len(rows)} cache rows")
+        cache.check_room(rows, token_ids.shape[1])
+        hidden = self._run_layers(self._embed(token_ids), cache, rows, denoise=False)
+        cache.advance(rows, token_ids.shape[1])
+        return hidden
+
+    def denoise_hidden(
+        self,
+        canvas_ids: torch.Tensor,
+        cache: KVCache,
+        self_conditioning_logits: torch.Tensor | None = None,
+        *,
+        rows: Sequence[int] | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's final hidden states [B, C, D] (the head is applied separately)."""
+        rows = cache.rows_or_all(rows)
+        canvas_ids = self._check_ids(canvas_ids, "canvas_ids")
+        if canvas_ids.shape[0] != len(rows):
+            raise RequestError(f"canvas_ids has {canvas_ids.shape[0]} rows for {len(rows)} cache rows")
+        top = max(cache.lengths(rows), default=0) + canvas_ids.shape[1]
+        if top > self.config.max_position_embeddings:
+            raise CapacityError(
+                f"canvas positions reach {top}, past the context of {self.config.max_position_embeddings}"
+            )
+        embeds = self._embed(canvas_ids)
+        soft = None
+        if self_conditioning_logits is not None:
+            expected = (*canvas_ids.shape, self.config.vocab_size)
+            if tuple(self_conditioning_logits.shape) != expected:
+                raise RequestError(
+                    f"self_conditioning_logits must have shape {list(expected)}, "
+                    f"got {list(self_conditioning_logits.shape)}"
+                )
+            soft = self.soft_embedding(self_conditioning_logits.to(self.device))
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.to(soft.device, soft.dtype)[:, None, None]
+        x = self.self_conditioning(embeds, soft)
+        return self._run_layers(x, cache, rows, denoise=True)
+
+    def soft_embedding(self, logits_BCV: torch.Tensor) -> torch.Tensor:
+        """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""
+        weight = self.embed_tokens.weight
+        probs = F.softmax(logits_BCV, dim=-1, dtype=torch.float32).to(weight.dtype)
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device)
+        return (probs @ weight) * scale
+
+    def logits(self, hidden_BCD: torch.Tensor) -> torch.Tensor:
+        """Tied head, then the fp32 soft-cap tanh(x / cap) * cap."""
+        logits = F.linear(hidden_BCD, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def denoise(
+        self,
+        canvas_ids: torch.Tensor,
+        cache: KVCache,
+        self_conditioning_logits: torch.Tensor | None = None,
+        *,
+        rows: Sequence[int] | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 soft-capped logits [B, C, V] for the canvas; the cache is left unchanged."""
+        hidden = self.denoise_hidden(
+            canvas_ids,
+            cache,
+            self_conditioning_logits,
+            rows=rows,
+            self_conditioning_mask=self_conditioning_mask,
+        )
+        return self.logits(hidden)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,133 @@
+"""Norms, rotary embeddings, the gated dense MLP, the router and the experts (pure torch).
+
+Shape legend: N tokens (flattened batch x sequence), D hidden, I intermediate, X experts, K top-k.
+The experts' `forward` is the seam where a fast grouped kernel plugs in (GPU issue); this version is the
+executable spec and runs on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.model.config import RopeSpec
+
+
+def activation(name: str):
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unsupported activation {name!r}")  # config.py validates first
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: fp32 math, `x * (mean(x^2) + eps)^-0.5 * weight` (weight used as is, not 1 + w)."""
+
+    def __init__(self, dim: int, eps: float, *, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        # pow(-0.5) rather than rsqrt: the reference does the same, for parity across compilers.
+        out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies, head_dim / 2 of them; 'proportional' rotates a leading share and pads with 0."""
+    if spec.rope_type == "default":
+        inv = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    else:  # proportional: the exponent's denominator is the whole head_dim, unrotated pairs get frequency 0
+        angles = int(spec.partial_rotary_factor * head_dim // 2)
+        rotated = 1.0 / (spec.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / head_dim))
+        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
+    return inv / spec.factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [B, T, E] for integer positions [B, T]."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, E]; cos/sin [B, T, E]. Rotates pairs (i, i + E/2)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): the dense branch of every layer and the self-conditioning block."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k routing on the raw residual: scale-free RMSNorm * scale * D^-0.5, fp32 softmax, renormalised
+    top-k weights times `per_expert_scale[idx]`."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps, with_scale=False)
+        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(hidden))
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
+        self.top_k = top_k
+        self.root = hidden**-0.5
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x_ND) * self.scale * self.root
+        probs_NX = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights_NK, index_NK = torch.topk(probs_NX, k=self.top_k, dim=-1)
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        return weights_NK * self.per_expert_scale[index_NK], index_NK
+
+
+class Experts(nn.Module):
+    """Fused expert weights: gate_up_proj [X, 2I, D], down_proj [X, D, I] (the checkpoint's layout)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.act = activation(act)
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor) -> torch.Tensor:
+        out_ND = torch.zeros_like(x_ND)
+        num_tokens, top_k = index_NK.shape
+        flat_expert = index_NK.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // top_k
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            sel = order[start : start + count]
+            tokens = token_of[start : start + count]
+            start += count
+            gate, up = F.linear(x_ND[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            # weights are fp32 (router softmax); multiply there, then cast, as the reference does
+            y = y * weights_NK.reshape(-1)[sel, None]
+            out_ND.index_add_(0, tokens, y.to(out_ND.dtype))
+        return out_ND

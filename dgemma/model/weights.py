@@ -1,0 +1,268 @@
+"""Checkpoints in the Hugging Face layout: resolve (local dir or Hub id), stream safetensors into place,
+and write them back.
+
+The name map is declarative: each of our parameters has its canonical HF name (the decoder's, which
+`save_pretrained` keeps) plus the tied aliases a checkpoint may carry instead (the encoder's copy, the
+tied `lm_head`). Only safetensors are read, so loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dgemma.errors import CheckpointError
+from dgemma.model.config import ModelConfig
+from dgemma.model.diffusion_gemma import DiffusionGemma
+
+logger = logging.getLogger(__name__)
+
+DECODER = "model.decoder."
+ENCODER = "model.encoder.language_model."
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+INDEX_FILE = "model.safetensors.index.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def hf_names(name: str) -> tuple[str, ...]:
+    """HF names of one of our parameters: canonical first, then tied aliases."""
+    if name == "embed_tokens.weight":
+        return (DECODER + name, ENCODER + name, "lm_head.weight")
+    if name == "norm.weight":
+        return (DECODER + name, ENCODER + name)
+    if name.startswith("self_conditioning."):
+        return (DECODER + name.replace(".mlp.", "."),)
+    match = re.fullmatch(r"layers\.(\d+)\.(encoder|decoder)_layer_scalar", name)
+    if match:  # a buffer, stored once per mode (not tied)
+        prefix = ENCODER if match.group(2) == "encoder" else DECODER
+        return (f"{prefix}layers.{match.group(1)}.layer_scalar",)
+    if name.startswith("layers."):
+        return (DECODER + name, ENCODER + name)
+    raise AssertionError(f"no HF name for parameter {name}")
+
+
+def default_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """CUDA + bfloat16 when a GPU is present, else CPU + float32; either may be overridden."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
+    """A local checkpoint directory; a Hub repo id is downloaded with huggingface_hub (if a network exists)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the checkpoint directory that holds config.json")
+    text = str(path_or_repo_id)
+    if not _REPO_ID.match(text):
+        raise CheckpointError(f"{text}: no such checkpoint directory (and not a Hugging Face repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        logger.info("downloading %s from the Hugging Face Hub", text)
+        return Path(snapshot_download(text, allow_patterns=_DOWNLOAD_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: one clear message
+        raise CheckpointError(
+            f"{text}: not a local directory, and fetching it from the Hugging Face Hub failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Pass a local checkpoint directory, or check the repo id, your network and HF_TOKEN."
+        ) from None
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when there is one."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: malformed index ({type(exc).__name__}: {exc})") from None
+        files = [directory / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard files that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (
+            f" (found {', '.join(pickles)}: pickle checkpoints are refused because loading them can run code;"
+            " convert them to safetensors)"
+            if pickles
+            else ""
+        )
+        raise CheckpointError(f"{directory}: no *.safetensors weight files{hint}")
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, object]]:
+    """(file, name, lazy slice) for every tensor, one file open at a time."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                    yield file, name, handle
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
+
+
+def build_empty(config: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> DiffusionGemma:
+    """The model with uninitialised storage, allocated once on `device` (no init pass, no second copy)."""
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    model = model.to(dtype).to_empty(device=device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(directory: Path, *, device=None, dtype=None, progress: bool = False) -> DiffusionGemma:
+    config = ModelConfig.from_file(directory / "config.json")
+    files = checkpoint_files(directory)
+    device, dtype = default_device_and_dtype(device, dtype)
+    model = build_empty(config, device=device, dtype=dtype)
+    params = dict(model.named_parameters())
+    owner = {hf: ours for ours in params for hf in hf_names(ours)}
+    loaded: set[str] = set()
+    skipped_vision = 0
+    bar = _progress(files, progress)
+    for file, name, handle in _iter_tensors(files):
+        if name.startswith(VISION_PREFIXES):
+            skipped_vision += 1
+            continue
+        ours = owner.get(name)
+        if ours is None:
+            raise CheckpointError(
+                f"{file.name}: unexpected tensor {name!r} (not part of the DiffusionGemma text model)"
+            )
+        if ours in loaded:  # a tied alias of a tensor already in place
+            continue
+        try:
+            tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({exc})") from None
+        param = params[ours]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
+                f"config.json implies {list(param.shape)}"
+            )
+        if not (tensor.is_floating_point()):
+            raise CheckpointError(f"{file.name}: tensor {name!r} has non-float dtype {tensor.dtype}")
+        param.data.copy_(tensor)
+        loaded.add(ours)
+        if bar is not None:
+            bar.advance(tensor.numel() * tensor.element_size())
+    if bar is not None:
+        bar.close()
+    missing = [hf_names(p)[0] for p in params if p not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+    if skipped_vision:
+        logger.info("skipped %d vision-tower tensors (image input is not supported yet)", skipped_vision)
+    return model
+
+
+def state_dict_hf(model: DiffusionGemma) -> dict[str, torch.Tensor]:
+    """Our parameters under their canonical HF names (what `save_pretrained` writes)."""
+    return {hf_names(name)[0]: p.detach() for name, p in model.named_parameters()}
+
+
+def save_checkpoint(
+    model: DiffusionGemma,
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write config.json and safetensors shards (with an index when sharded) in the HF layout.
+
+    Files are written under temporary names and renamed into place, so a crash never leaves a
+    half-written file under a real name."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict_hf(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for shard, fname in zip(shards, names):
+        cpu = {k: v.to("cpu").contiguous() for k, v in shard.items()}
+        _atomic(directory / fname, lambda tmp, cpu=cpu: save_file(cpu, tmp, metadata={"format": "pt"}))
+    files = {"config.json": json.dumps(model.config.source, indent=2) + "\n", **(extra_files or {})}
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: fname for shard, fname in zip(shards, names) for k in shard}
+        files[INDEX_FILE] = json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
+        )
+    for fname, text in files.items():
+        _atomic(directory / fname, lambda tmp, text=text: Path(tmp).write_text(text))
+    return directory
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class _Progress:
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        from dgemma.logs import stderr_console
+
+        self._progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("loading weights", total=total)
+
+    def advance(self, nbytes: int) -> None:
+        self._progress.advance(self._task, nbytes)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _progress(files: list[Path], enabled: bool) -> _Progress | None:
+    if not enabled:
+        return None
+    return _Progress(sum(f.stat().st_size for f in files))
