@@ -113,7 +113,7 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor) -> torch.Tensor:
         out_ND = torch.zeros_like(x_ND)
-        num_tokens, top_k = index_NK.shape
+        top_k = index_NK.shape[1]
         flat_expert = index_NK.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         counts = torch.bincount(flat_expert, minlength=self.gate_up_proj.shape[0]).tolist()

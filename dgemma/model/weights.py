@@ -62,7 +62,7 @@ def default_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 
 def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
-    """A local checkpoint directory; a Hub repo id is downloaded with huggingface_hub (if a network exists)."""
+    """A local checkpoint directory; a Hub repo id is fetched with huggingface_hub (when a network exists)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
