@@ -47,8 +47,13 @@ def text_config(**overrides) -> dict:
     return config
 
 
-def make_reference(text: dict | None = None, *, canvas_length: int = 16, seed: int = 0, vision: bool = True):
-    """A transformers DiffusionGemmaForBlockDiffusion with random weights (non-trivial norms and scales)."""
+def make_reference(
+    text: dict | None = None, *, canvas_length: int = 16, seed: int = 0, vision: bool = True, weight_scale: float = 1.0
+):
+    """A transformers DiffusionGemmaForBlockDiffusion with random weights (non-trivial norms and scales).
+
+    `weight_scale` multiplies the matrices: the default init (std 0.02) gives near-uniform logits, which
+    never let a canvas stop early; a larger scale makes the model confident enough to."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     config = DiffusionGemmaConfig(
@@ -64,6 +69,8 @@ def make_reference(text: dict | None = None, *, canvas_length: int = 16, seed: i
         for name, tensor in model.named_parameters():
             if name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
                 tensor.copy_(1.0 + 0.3 * torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.mul_(weight_scale)
         for name, buffer in model.named_buffers():
             if name.endswith("layer_scalar"):
                 buffer.copy_(0.8 + 0.4 * torch.rand(buffer.shape, generator=generator))

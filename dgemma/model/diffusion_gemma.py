@@ -112,6 +112,34 @@ class DiffusionGemma(nn.Module):
 
         return load_model(resolve_checkpoint(path_or_repo_id), device=device, dtype=dtype, progress=progress)
 
+    @classmethod
+    def empty(cls, config: ModelConfig, *, device=None, dtype=None) -> DiffusionGemma:
+        """The model with uninitialised storage, allocated once on `device` (built on the meta device, so
+        there is no init pass and no second copy)."""
+        from dgemma.model.weights import default_device_and_dtype
+
+        device, dtype = default_device_and_dtype(device, dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype).to_empty(device=device)
+        model.requires_grad_(False)
+        return model.eval()
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, device=None, dtype=None, seed: int = 0, std: float = 0.02):
+        """Random weights (normal(0, std); norms, scales and layer scalars 1), drawn on `device` from a
+        seeded generator: for tests and full-size benchmarks without a checkpoint."""
+        model = cls.empty(config, device=device, dtype=dtype)
+        generator = torch.Generator(model.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight",
+                                  ".scale", "per_expert_scale", "layer_scalar")):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, std, generator=generator)
+        return model
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
@@ -165,8 +193,6 @@ class DiffusionGemma(nn.Module):
             raise RequestError(f"{what} must be an integer tensor [batch, length], got {_describe(ids)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise RequestError(f"{what} holds ids outside the vocabulary 0..{self.config.vocab_size - 1}")
-        if self.config.image_token_id is not None and bool((ids == self.config.image_token_id).any()):
-            raise RequestError("image inputs are not supported yet (found the image placeholder token)")
         return ids.to(self.device, torch.long)
 
     def encode(self, token_ids: torch.Tensor, cache: KVCache, *, rows: Sequence[int] | None = None):

@@ -122,20 +122,11 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, object]]:
             raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
 
 
-def build_empty(config: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> DiffusionGemma:
-    """The model with uninitialised storage, allocated once on `device` (no init pass, no second copy)."""
-    with torch.device("meta"):
-        model = DiffusionGemma(config)
-    model = model.to(dtype).to_empty(device=device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
 def load_model(directory: Path, *, device=None, dtype=None, progress: bool = False) -> DiffusionGemma:
     config = ModelConfig.from_file(directory / "config.json")
     files = checkpoint_files(directory)
     device, dtype = default_device_and_dtype(device, dtype)
-    model = build_empty(config, device=device, dtype=dtype)
+    model = DiffusionGemma.empty(config, device=device, dtype=dtype)
     params = dict(model.named_parameters())
     owner = {hf: ours for ours in params for hf in hf_names(ours)}
     loaded: set[str] = set()

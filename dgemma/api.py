@@ -1,0 +1,133 @@
+"""`LLM`: the Python entry point. Loads a checkpoint (model, tokenizer, chat template, generation
+defaults) and generates for text prompts, chat conversations or token-id prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from dgemma.engine.generate import Request, run
+from dgemma.errors import RequestError
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.weights import resolve_checkpoint
+from dgemma.outputs import GenerationOutput, StreamEvent
+from dgemma.params import DiffusionDefaults, SamplingParams
+from dgemma.text.chat import ChatTemplate, check_messages
+from dgemma.text.tokenizer import Tokenizer
+
+# One prompt: text, chat messages [{"role": ..., "content": ...}], or token ids.
+Prompt = Union[str, Sequence[dict], Sequence[int]]
+
+
+class LLM:
+    """DiffusionGemma ready to generate.
+
+    >>> llm = LLM("path/to/checkpoint")                        # or a Hub repo id
+    >>> out = llm.generate("def fibonacci(n):", SamplingParams(max_new_tokens=128, seed=0))[0]
+    >>> out.text, out.finish_reason, out.stats.tokens_per_forward
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ):
+        directory = resolve_checkpoint(model)
+        self.path = directory
+        self.model = DiffusionGemma.from_pretrained(directory, device=device, dtype=dtype, progress=progress)
+        self.tokenizer = Tokenizer.from_checkpoint(directory)
+        self.chat_template = ChatTemplate.from_checkpoint(directory)
+        self.defaults = DiffusionDefaults.from_checkpoint(directory, self.model.config.eos_token_ids)
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt, *, enable_thinking: bool = False) -> list[int]:
+        """Token ids of one prompt (chat messages go through the checkpoint's chat template)."""
+        if isinstance(prompt, str):
+            ids = self._need_tokenizer().encode(prompt)
+            bos = self.model.config.bos_token_id
+            return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            check_messages(list(prompt))
+            if self.chat_template is None:
+                raise RequestError("this checkpoint has no chat template; pass plain text or token ids")
+            text = self.chat_template.render(list(prompt), enable_thinking=enable_thinking)
+            return self._need_tokenizer().encode(text, add_special_tokens=False)
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise RequestError(
+            "a prompt must be a string, a list of chat messages ({'role', 'content'}) or a list of token ids"
+        )
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint ships no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer
+
+    def _requests(self, prompts, params, *, drafts: bool, enable_thinking: bool) -> tuple[list[Request], bool]:
+        single = _is_single(prompts)
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list:
+            raise RequestError("no prompts given")
+        if params is None or isinstance(params, SamplingParams):
+            param_list = [params or SamplingParams()] * len(prompt_list)
+        else:
+            param_list = list(params)
+            if len(param_list) != len(prompt_list) or not all(isinstance(p, SamplingParams) for p in param_list):
+                raise RequestError(f"give one SamplingParams, or one per prompt ({len(prompt_list)})")
+        requests = [
+            Request(
+                index=i,
+                prompt_ids=tuple(self.tokenize(p, enable_thinking=enable_thinking)),
+                params=sp.resolve(self.defaults),
+                drafts=drafts,
+            )
+            for i, (p, sp) in enumerate(zip(prompt_list, param_list))
+        ]
+        return requests, single
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        enable_thinking: bool = False,
+    ) -> list[GenerationOutput]:
+        """Generate for one prompt or a batch; returns one output per prompt, in order."""
+        requests, _ = self._requests(prompts, params, drafts=False, enable_thinking=enable_thinking)
+        outputs = [e for e in run(self.model, requests, decode=self._decode) if isinstance(e, GenerationOutput)]
+        return sorted(outputs, key=lambda o: o.index)
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        drafts: bool = False,
+        enable_thinking: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """Yield `TextDelta` (committed text), `Draft` (when `drafts`) and a final `GenerationOutput` per
+        prompt. Events carry the prompt's `index`."""
+        requests, _ = self._requests(prompts, params, drafts=drafts, enable_thinking=enable_thinking)
+        yield from run(self.model, requests, decode=self._decode)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    @property
+    def decode(self):
+        return self._decode if self.tokenizer is not None else None
+
+
+def _is_single(prompts: Any) -> bool:
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(x, (dict, int)) for x in prompts):
+        return True  # chat messages or token ids: one prompt
+    return False

@@ -1,0 +1,247 @@
+"""`dgemma generate | info`: the command line. The only module that reads the environment or configures
+logging. Results go to stdout; logs, progress and the draft animation go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dgemma.errors import DgemmaError
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32"}
+
+
+def _default_model() -> str | None:
+    return os.environ.get("DGEMMA_MODEL")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or Hugging Face repo id (default: $DGEMMA_MODEL)",
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma, the block-diffusion Gemma 4.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt (only the answer goes to stdout)")
+    gen.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    _add_model_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="exact cap (default 2048 or EOS)")
+    gen.add_argument("--seed", type=int, default=None, help="make the answer reproducible")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--system", default=None, help="system prompt (with --chat)")
+    gen.add_argument("--think", action="store_true", help="switch thinking on (with --chat)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--sampler", choices=["entropy_bound", "confidence"], default="entropy_bound")
+    gen.add_argument("--max-denoising-steps", type=int, default=None)
+    gen.add_argument("--entropy-bound", type=float, default=None)
+    gen.add_argument("--confidence", type=float, default=0.9, help="top-probability threshold (confidence sampler)")
+    gen.add_argument("--show-drafts", action="store_true", help="animate the canvas while it denoises (stderr)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and stats")
+
+    info = sub.add_parser("info", help="config summary, parameter counts and memory needed per dtype")
+    info.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hub repo id")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dgemma.logs import configure_logging
+
+    configure_logging(getattr(args, "verbose", False))
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _info(args)
+    except DgemmaError as exc:
+        print(f"dgemma: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dgemma: interrupted", file=sys.stderr)
+        return 130
+
+
+def _model_or_fail(value: str | None) -> str:
+    model = value or _default_model()
+    if model is None:
+        from dgemma.errors import ConfigError
+
+        raise ConfigError(
+            "no model given: pass --model PATH_OR_REPO_ID or set DGEMMA_MODEL "
+            "(the embedded default model is not bundled in this version)"
+        )
+    return model
+
+
+def _generate(args) -> int:
+    import torch
+
+    from dgemma.api import LLM
+    from dgemma.outputs import Draft, GenerationOutput, TextDelta
+    from dgemma.params import SamplingParams
+
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        sampler=args.sampler,
+        max_denoising_steps=args.max_denoising_steps,
+        entropy_bound=args.entropy_bound,
+        confidence=args.confidence,
+    )
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    llm = LLM(_model_or_fail(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
+    prompt: object = prompt_text
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt_text}
+        ]
+    animate = args.show_drafts and not args.json
+    view = _DraftView() if animate else None
+    final = None
+    try:
+        for event in llm.stream(prompt, params, drafts=animate, enable_thinking=args.think):
+            if isinstance(event, Draft) and view is not None:
+                view.draft(event)
+            elif isinstance(event, TextDelta):
+                if view is not None:
+                    view.commit(event.text)
+                elif not args.json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            elif isinstance(event, GenerationOutput):
+                final = event
+    finally:
+        if view is not None:
+            view.close()
+    assert final is not None
+    if args.json:
+        print(json.dumps(final.to_dict(), ensure_ascii=False))
+    elif view is not None:
+        sys.stdout.write(final.text + "\n")
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+class _DraftView:
+    """A live view on stderr: committed text, then the current draft canvas in a dim style."""
+
+    def __init__(self):
+        from rich.live import Live
+
+        from dgemma.logs import stderr_console
+
+        self.committed = ""
+        self.live = Live(console=stderr_console(), refresh_per_second=20, transient=True)
+        self.live.start()
+
+    def _show(self, draft: str, caption: str) -> None:
+        from rich.panel import Panel
+        from rich.text import Text
+
+        body = Text(self.committed)
+        body.append(draft, style="dim cyan")
+        self.live.update(Panel(body, title="dgemma", subtitle=caption))
+
+    def draft(self, event) -> None:
+        self._show(event.text, f"canvas {event.canvas + 1}, step {event.step}")
+
+    def commit(self, text: str) -> None:
+        self.committed += text
+        self._show("", "committed")
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def _info(args) -> int:
+    from dgemma.model.config import ModelConfig, kv_bytes_per_token, parameter_counts
+
+    directory = _config_dir(_model_or_fail(args.model))
+    config = ModelConfig.from_file(directory / "config.json")
+    counts = parameter_counts(config)
+    memory = {name: counts["total"] * size for name, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))}
+    kinds = [s.layer_type for s in config.layers]
+    summary = {
+        "path": str(directory),
+        "layers": config.num_layers,
+        "sliding_layers": kinds.count("sliding_attention"),
+        "full_layers": kinds.count("full_attention"),
+        "hidden_size": config.hidden_size,
+        "attention_heads": config.num_heads,
+        "sliding": _layer_summary(config, "sliding_attention"),
+        "full": _layer_summary(config, "full_attention"),
+        "experts": config.num_experts,
+        "top_k_experts": config.top_k_experts,
+        "vocab_size": config.vocab_size,
+        "canvas_length": config.canvas_length,
+        "context": config.max_position_embeddings,
+        "parameters": counts,
+        "weights_bytes": memory,
+        "kv_cache_bytes_per_token_bf16": kv_bytes_per_token(config, 2),
+        "has_vision_tower": config.has_vision,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    gb = 1e9
+    print(f"DiffusionGemma checkpoint  {directory}")
+    print(
+        f"  layers        {config.num_layers} ({summary['sliding_layers']} sliding, {summary['full_layers']} full), "
+        f"hidden {config.hidden_size}, {config.num_heads} heads"
+    )
+    for kind in ("sliding", "full"):
+        if summary[kind]:
+            print(f"  {kind:<13} {summary[kind]}")
+    print(
+        f"  MoE           {config.num_experts} experts, top-{config.top_k_experts}, "
+        f"expert width {config.moe_intermediate_size}; dense MLP {config.intermediate_size}"
+    )
+    print(
+        f"  vocabulary    {config.vocab_size}, canvas {config.canvas_length} tokens, "
+        f"context {config.max_position_embeddings}"
+    )
+    print(f"  parameters    {counts['total'] / 1e9:.2f}B total, {counts['active_per_token'] / 1e9:.2f}B active per token")
+    for group in ("experts", "attention", "dense_mlp", "embedding", "router", "self_conditioning"):
+        print(f"    {group:<18}{counts[group] / 1e9:8.3f}B")
+    print("  weights       " + ", ".join(f"{k} {v / gb:.1f} GB" for k, v in memory.items()))
+    print(f"  KV cache      {summary['kv_cache_bytes_per_token_bf16'] / 1024:.0f} KiB per prefix token (bfloat16)")
+    return 0
+
+
+def _layer_summary(config, kind: str) -> str:
+    specs = [s for s in config.layers if s.layer_type == kind]
+    if not specs:
+        return ""
+    s = specs[0]
+    window = f", window {s.window}" if s.window else ", no v_proj"
+    rope = f"{s.rope.rope_type} RoPE theta {s.rope.theta:g}"
+    if s.rope.rope_type == "proportional":
+        rope += f" x{s.rope.partial_rotary_factor:g}"
+    return f"head_dim {s.head_dim}, {s.num_kv_heads} KV heads{window}, {rope}"
+
+
+def _config_dir(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from dgemma.model.weights import resolve_checkpoint
+
+    return resolve_checkpoint(model)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The diffusion policy as tensor functions: temperature schedule, sampling, acceptance, renoising, stopping.
+
+Shape legend: B canvases, C canvas positions, V vocabulary.
+
+One denoise step on a canvas (reference semantics, transformers' generation_diffusion_gemma.py):
+  1. temperature t = t_min + (t_max - t_min) * cur_step / N, with cur_step counting N .. 1;
+  2. tempered = logits / t; sample a token everywhere from softmax(tempered); argmax = tempered.argmax;
+  3. the sampler accepts some positions (re-decided every step, not sticky);
+  4. accepted positions keep the sampled token, all others get fresh uniform random tokens;
+  5. stop when the argmax canvas is unchanged for `stability_threshold` steps and the mean entropy of
+     the tempered logits is below `confidence_threshold`;
+  6. the tempered logits are the next step's self-conditioning input.
+Samplers are pluggable: `accept` is the only policy hook.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+
+def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> float:
+    """Linear schedule over remaining steps: t_max at the first step (cur_step = N), never exactly t_min."""
+    return t_min + (t_max - t_min) * (cur_step / max_steps)
+
+
+def entropy(logits_BCV: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, computed as torch.distributions.Categorical does."""
+    normalized = logits_BCV - logits_BCV.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(normalized, dim=-1)
+    normalized = torch.clamp(normalized, min=torch.finfo(normalized.dtype).min)
+    return -(normalized * probs).sum(-1)
+
+
+class Sampler(ABC):
+    """Decides which positions of the sampled canvas are kept this step; the rest are renoised."""
+
+    name: str
+
+    @abstractmethod
+    def accept(self, tempered_BCV: torch.Tensor, entropy_BC: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, C]: positions whose sampled token is kept."""
+
+
+class EntropyBoundSampler(Sampler):
+    """EB-Sampler (arXiv 2505.24857), the reference default: sort positions by entropy and accept the k
+    lowest with sum(H_1..H_k) - max(H_1..H_k) <= bound (an upper bound on their joint dependence)."""
+
+    name = "entropy_bound"
+
+    def __init__(self, entropy_bound: float):
+        self.entropy_bound = entropy_bound
+
+    def accept(self, tempered_BCV: torch.Tensor, entropy_BC: torch.Tensor) -> torch.Tensor:
+        sorted_h, order = torch.sort(entropy_BC, dim=-1, descending=False)
+        # sorted ascending, so the running maximum of the first k is the k-th entry itself
+        keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= self.entropy_bound
+        return torch.scatter(torch.zeros_like(keep_sorted), dim=-1, index=order, src=keep_sorted)
+
+
+class ConfidenceSampler(Sampler):
+    """Accept positions whose top probability (tempered) is at least `threshold`; the single most
+    confident position is always accepted, so every step makes progress (as in Fast-dLLM)."""
+
+    name = "confidence"
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def accept(self, tempered_BCV: torch.Tensor, entropy_BC: torch.Tensor) -> torch.Tensor:
+        top_p_BC = torch.softmax(tempered_BCV, dim=-1).amax(dim=-1)
+        keep = top_p_BC >= self.threshold
+        best = top_p_BC.argmax(dim=-1, keepdim=True)
+        return keep.scatter(-1, best, True)
+
+
+SAMPLERS = {EntropyBoundSampler.name: EntropyBoundSampler, ConfidenceSampler.name: ConfidenceSampler}
+
+
+def random_canvas(length: int, vocab_size: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Uniform random tokens [1, C] (the initial canvas and the renoising draw)."""
+    return torch.randint(0, vocab_size, (1, length), generator=generator, device=device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepOutcome:
+    """What one denoise step decided for one canvas."""
+
+    next_canvas: torch.Tensor  # [1, C] accepted samples, renoised elsewhere: the next step's input
+    argmax: torch.Tensor  # [1, C] the draft; the committed canvas when the canvas stops
+    tempered: torch.Tensor  # [1, C, V] the next step's self-conditioning logits
+    accepted: int  # positions kept this step
+    mean_entropy: torch.Tensor  # 0-d fp32, compared in fp32 as the reference does
+
+
+def sample_step(
+    logits_CV: torch.Tensor,
+    canvas_C: torch.Tensor,
+    *,
+    temp: float,
+    sampler: Sampler,
+    generator: torch.Generator | None,
+) -> StepOutcome:
+    """Steps 2-4 and 6 for one canvas, drawing from its own generator in the reference's order
+    (one multinomial over the canvas, then one uniform canvas for renoising)."""
+    tempered = logits_CV[None] / temp
+    probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
+    vocab = probs.shape[-1]
+    sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(1, -1)
+    argmax = tempered.argmax(dim=-1)
+    h = entropy(tempered)
+    keep = sampler.accept(tempered, h)
+    noise = random_canvas(canvas_C.shape[-1], vocab, generator, canvas_C.device)
+    next_canvas = torch.where(keep, sampled, noise)
+    return StepOutcome(
+        next_canvas=next_canvas,
+        argmax=argmax,
+        tempered=tempered,
+        accepted=int(keep.sum()),
+        mean_entropy=h.mean(),
+    )
+
+
+class StableAndConfident:
+    """Stop test for one canvas: the argmax canvas equals each of the last `stability_threshold` ones
+    and the mean entropy of the tempered logits is below `confidence_threshold`."""
+
+    def __init__(self, stability_threshold: int, confidence_threshold: float):
+        self.confidence_threshold = confidence_threshold
+        self.history: deque[torch.Tensor] = deque(maxlen=stability_threshold or None)
+        self.stability_threshold = stability_threshold
+
+    def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> bool:
+        if self.stability_threshold == 0:
+            stable = True
+        else:
+            stable = len(self.history) == self.stability_threshold and all(
+                torch.equal(past, argmax) for past in self.history
+            )
+            self.history.append(argmax)
+        return stable and bool(mean_entropy < self.confidence_threshold)

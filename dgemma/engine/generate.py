@@ -1,0 +1,208 @@
+"""The generation loop over a batch of requests (reference semantics, multi-canvas).
+
+Each request owns a cache row, a random generator and its denoise state. Every engine step runs one
+batched `denoise` over all canvases still denoising (whatever their step), then each canvas takes its
+sampler step with its own generator, so a seeded answer does not depend on what else is in the batch.
+A canvas that stops is committed: cut at the first EOS, trimmed to `max_new_tokens`, emitted, and (if
+the answer goes on) encoded into the cache together with the other canvases that stopped that step.
+A finished request leaves the batch at once and costs nothing more.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dgemma.denoise.sampler import Sampler, StableAndConfident, random_canvas, sample_step, temperature
+from dgemma.errors import CapacityError, RequestError
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.outputs import Draft, GenerationOutput, GenerationStats, StreamEvent, TextDelta
+from dgemma.params import DEFAULT_MAX_NEW_TOKENS, ResolvedParams
+from dgemma.text.stream import TextStream
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    index: int
+    prompt_ids: tuple[int, ...]
+    params: ResolvedParams
+    drafts: bool = False
+
+
+@dataclass
+class _Row:
+    """Mutable state of one request while it runs."""
+
+    request: Request
+    row: int
+    max_new_tokens: int
+    generator: torch.Generator
+    sampler: Sampler
+    text: TextStream
+    started: float
+    canvas: torch.Tensor | None = None
+    self_conditioning: torch.Tensor | None = None  # tempered logits of the previous step [1, C, V]
+    stopper: StableAndConfident | None = None
+    cur_step: int = 0
+    steps_per_canvas: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def check_prompt(prompt_ids: Sequence[int], config) -> None:
+    if not prompt_ids:
+        raise RequestError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{config.vocab_size - 1}")
+    if config.image_token_id is not None and config.image_token_id in prompt_ids:
+        raise RequestError("image inputs are not supported yet (the prompt holds the image placeholder token)")
+
+
+def plan_lengths(prompt_len: int, requested: int | None, canvas: int, context: int) -> int:
+    """The max_new_tokens a request runs with: as asked, or the default bounded by the context."""
+    room = (context - prompt_len) // canvas * canvas  # canvases are denoised whole
+    if room <= 0:
+        raise CapacityError(
+            f"the prompt has {prompt_len} tokens; with one {canvas}-token canvas it exceeds the "
+            f"model's context of {context} positions"
+        )
+    if requested is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, room)
+    if requested > room:
+        raise CapacityError(
+            f"max_new_tokens {requested} does not fit: the prompt has {prompt_len} tokens and the context "
+            f"is {context} positions, which leaves room for {room} new tokens ({canvas}-token canvases)"
+        )
+    return requested
+
+
+def run(
+    model: DiffusionGemma,
+    requests: Sequence[Request],
+    *,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> Iterator[StreamEvent]:
+    """Generate for all requests; yield TextDelta / Draft events and one GenerationOutput per request."""
+    config = model.config
+    c = config.canvas_length
+    rows: list[_Row] = []
+    for slot, request in enumerate(requests):
+        if request.params.stop and decode is None:
+            raise RequestError("stop strings need a tokenizer, and this checkpoint ships none")
+        check_prompt(request.prompt_ids, config)
+        max_new = plan_lengths(len(request.prompt_ids), request.params.max_new_tokens, c, config.max_position_embeddings)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        rows.append(
+            _Row(
+                request=request,
+                row=slot,
+                max_new_tokens=max_new,
+                generator=torch.Generator(model.device).manual_seed(seed),
+                sampler=request.params.make_sampler(),
+                text=TextStream(decode or (lambda ids: ""), request.params.stop),
+                started=time.perf_counter(),
+            )
+        )
+    if not rows:
+        return
+    # the last canvas is never encoded, so a row needs prompt + (canvases - 1) * C positions
+    need = max(len(r.request.prompt_ids) + (-(-r.max_new_tokens // c) - 1) * c for r in rows)
+    cache = model.new_cache(batch_size=len(rows), max_length=need)
+
+    with torch.inference_mode():
+        for r in rows:  # prompts differ in length: encode each on its own
+            ids = torch.tensor([r.request.prompt_ids], device=model.device)
+            model.encode(ids, cache, rows=[r.row])
+            _new_canvas(r, c, config.vocab_size)
+
+        active = list(rows)
+        while active:
+            logits = _denoise_batch(model, active, cache)
+            committed: list[_Row] = []
+            for i, r in enumerate(active):
+                params = r.request.params
+                temp = temperature(r.cur_step, params.max_denoising_steps, params.t_min, params.t_max)
+                outcome = sample_step(logits[i], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator)
+                stop = r.stopper(outcome.argmax, outcome.mean_entropy)
+                r.canvas, r.self_conditioning = outcome.next_canvas, outcome.tempered.to(model.dtype)
+                r.cur_step -= 1
+                r.steps_per_canvas[-1] += 1
+                if r.request.drafts and decode is not None:
+                    ids = tuple(outcome.argmax[0].tolist())
+                    yield Draft(
+                        index=r.request.index,
+                        canvas=len(r.steps_per_canvas) - 1,
+                        step=r.steps_per_canvas[-1],
+                        text=decode(ids),
+                        token_ids=ids,
+                    )
+                if stop or r.cur_step == 0:
+                    r.canvas = outcome.argmax  # the committed canvas is the argmax one
+                    committed.append(r)
+            for event in _commit(committed):
+                yield event
+            going_on = [r for r in committed if r.finish_reason is None]
+            if going_on:
+                model.encode(torch.cat([r.canvas for r in going_on]), cache, rows=[r.row for r in going_on])
+                for r in going_on:
+                    _new_canvas(r, c, config.vocab_size)
+            active = [r for r in active if r.finish_reason is None]
+
+
+def _new_canvas(r: _Row, canvas_length: int, vocab_size: int) -> None:
+    params = r.request.params
+    r.canvas = random_canvas(canvas_length, vocab_size, r.generator, r.generator.device)
+    r.self_conditioning = None
+    r.stopper = StableAndConfident(params.stability_threshold, params.confidence_threshold)
+    r.cur_step = params.max_denoising_steps
+    r.steps_per_canvas.append(0)
+
+
+def _denoise_batch(model: DiffusionGemma, active: list[_Row], cache) -> torch.Tensor:
+    canvas = torch.cat([r.canvas for r in active])
+    with_sc = [r.self_conditioning is not None for r in active]
+    sc = mask = None
+    if any(with_sc):
+        template = next(r.self_conditioning for r in active if r.self_conditioning is not None)
+        # rows on their first step get zeros with mask 0: exactly the no-signal path for them
+        sc = torch.cat([r.self_conditioning if r.self_conditioning is not None else torch.zeros_like(template) for r in active])
+        mask = None if all(with_sc) else torch.tensor(with_sc, device=canvas.device)
+    return model.denoise(canvas, cache, sc, rows=[r.row for r in active], self_conditioning_mask=mask)
+
+
+def _commit(committed: list[_Row]) -> Iterator[StreamEvent]:
+    """Cut each stopped canvas at its first EOS, trim it to the budget, emit it, decide if the answer ends."""
+    for r in committed:
+        tokens = r.canvas[0].tolist()
+        eos = r.request.params.eos_token_ids
+        cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+        budget = r.max_new_tokens - len(r.text.token_ids)
+        keep = tokens[: cut if cut is not None else len(tokens)][:budget]
+        before = len(r.text.token_ids)
+        delta = r.text.add(keep)
+        keep = r.text.token_ids[before:]  # a stop string may have cut the canvas shorter
+        if r.text.stopped or (cut is not None and cut <= budget):
+            r.finish_reason = "stop"
+        elif len(r.text.token_ids) >= r.max_new_tokens:
+            r.finish_reason = "length"
+        if r.finish_reason is not None:
+            delta += r.text.finish()
+        if delta or keep:
+            yield TextDelta(index=r.request.index, text=delta, token_ids=tuple(keep))
+        if r.finish_reason is not None:
+            yield GenerationOutput(
+                index=r.request.index,
+                text=r.text.text,
+                token_ids=tuple(r.text.token_ids),
+                finish_reason=r.finish_reason,
+                stats=GenerationStats(
+                    prompt_tokens=len(r.request.prompt_ids),
+                    completion_tokens=len(r.text.token_ids),
+                    steps_per_canvas=tuple(r.steps_per_canvas),
+                    seconds=time.perf_counter() - r.started,
+                ),
+            )
