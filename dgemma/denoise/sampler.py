@@ -22,9 +22,12 @@ from dataclasses import dataclass
 import torch
 
 
-def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> float:
-    """Linear schedule over remaining steps: t_max at the first step (cur_step = N), never exactly t_min."""
-    return t_min + (t_max - t_min) * (cur_step / max_steps)
+def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Linear schedule over remaining steps: t_max at the first step (cur_step = N), never exactly t_min.
+
+    A 0-d float32 tensor computed as the reference computes it (cur_step is an int32 tensor there), so
+    the tempered logits agree to the last bit."""
+    return t_min + (t_max - t_min) * (torch.tensor(cur_step, dtype=torch.int32) / max_steps)
 
 
 def entropy(logits_BCV: torch.Tensor) -> torch.Tensor:
@@ -100,13 +103,13 @@ def sample_step(
     logits_CV: torch.Tensor,
     canvas_C: torch.Tensor,
     *,
-    temp: float,
+    temp: torch.Tensor | float,
     sampler: Sampler,
     generator: torch.Generator | None,
 ) -> StepOutcome:
     """Steps 2-4 and 6 for one canvas, drawing from its own generator in the reference's order
     (one multinomial over the canvas, then one uniform canvas for renoising)."""
-    tempered = logits_CV[None] / temp
+    tempered = logits_CV[None] / temp  # a 0-d CPU tensor works as a scalar on any device
     probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
     vocab = probs.shape[-1]
     sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(1, -1)
