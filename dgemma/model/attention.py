@@ -47,45 +47,45 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         return q, k, self.v_norm(v_raw)
 
-    def attend(
-        self, q_BTHE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, mask_BTS: torch.Tensor
-    ):
+    def attend(self, q_1THE: torch.Tensor, k_1KSE: torch.Tensor, v_1KSE: torch.Tensor, mask_TS=None):
         groups = self.num_heads // self.spec.num_kv_heads
         if groups > 1:
-            k_BKSE = k_BKSE.repeat_interleave(groups, dim=1)
-            v_BKSE = v_BKSE.repeat_interleave(groups, dim=1)
+            k_1KSE = k_1KSE.repeat_interleave(groups, dim=1)
+            v_1KSE = v_1KSE.repeat_interleave(groups, dim=1)
         # scale 1.0: q_norm / k_norm carry the scale (as in the checkpoint's training)
-        out = F.scaled_dot_product_attention(
-            q_BTHE.transpose(1, 2), k_BKSE, v_BKSE, attn_mask=mask_BTS[:, None], scale=1.0
-        )
-        b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = F.scaled_dot_product_attention(q_1THE.transpose(1, 2), k_1KSE, v_1KSE, attn_mask=mask_TS, scale=1.0)
+        return out.transpose(1, 2)
 
-    def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: torch.Tensor):
-        """Causal attention of T new tokens per row; `starts` [B] holds each row's prefix length."""
+    # Attention runs row by row over exactly that row's keys (no padding to the longest row): the
+    # kernel's blocking, and so its rounding, then never depends on the other rows of the batch.
+
+    def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int]):
+        """Causal attention of T new tokens per row; `starts` holds each row's prefix length."""
         q, k, v = self.project(x_BTD, cos, sin)
         cache.write(layer, rows, k, v)
-        t = x_BTD.shape[1]
-        length = int(starts.max()) + t
-        k_all, v_all = cache.read(layer, rows, length)
-        q_pos = starts[:, None] + torch.arange(t, device=starts.device)  # [B, T]
-        k_pos = torch.arange(length, device=starts.device)  # [S]
-        mask = k_pos[None, None, :] <= q_pos[:, :, None]
-        if self.spec.window is not None:
-            mask &= k_pos[None, None, :] > q_pos[:, :, None] - self.spec.window
-        return self.attend(q, k_all, v_all, mask)
+        b, t, _ = x_BTD.shape
+        outs = []
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            lo = 0 if self.spec.window is None else max(0, start + 1 - self.spec.window)
+            k_row, v_row = cache.read_row(layer, row, lo, start + t)
+            q_pos = start + torch.arange(t, device=x_BTD.device)[:, None]
+            k_pos = lo + torch.arange(start + t - lo, device=x_BTD.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.spec.window is not None:
+                mask &= k_pos > q_pos - self.spec.window
+            outs.append(self.attend(q[i : i + 1], k_row, v_row, mask))
+        return self.o_proj(torch.cat(outs).reshape(b, t, -1))
 
-    def denoise(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: torch.Tensor):
+    def denoise(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int]):
         """Bidirectional attention of the canvas over itself and the cached prefix (read-only)."""
         q, k, v = self.project(x_BCD, cos, sin)
-        c = x_BCD.shape[1]
-        length = int(starts.max())
-        k_pre, v_pre = cache.read(layer, rows, length)
-        k_all = torch.cat([k_pre, k.transpose(1, 2).to(k_pre.dtype)], dim=2)
-        v_all = torch.cat([v_pre, v.transpose(1, 2).to(v_pre.dtype)], dim=2)
-        k_pos = torch.arange(length, device=starts.device)
-        visible = k_pos[None, :] < starts[:, None]  # [B, L]: the row's own prefix
-        if self.spec.window is not None:
-            visible &= k_pos[None, :] >= starts[:, None] - (self.spec.window - 1)
-        mask = torch.cat([visible, visible.new_ones(visible.shape[0], c)], dim=1)  # [B, L + C]
-        return self.attend(q, k_all, v_all, mask[:, None, :].expand(-1, c, -1))
+        b, c, _ = x_BCD.shape
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        outs = []
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            lo = 0 if self.spec.window is None else max(0, start - (self.spec.window - 1))
+            k_pre, v_pre = cache.read_row(layer, row, lo, start)
+            k_row = torch.cat([k_pre, k[i : i + 1].to(k_pre.dtype)], dim=2)
+            v_row = torch.cat([v_pre, v[i : i + 1].to(v_pre.dtype)], dim=2)
+            outs.append(self.attend(q[i : i + 1], k_row, v_row))  # everything visible: no mask
+        return self.o_proj(torch.cat(outs).reshape(b, c, -1))

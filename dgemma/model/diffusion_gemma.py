@@ -53,7 +53,8 @@ class Layer(nn.Module):
         h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r_BTD)))
         flat = r_BTD.reshape(-1, r_BTD.shape[-1])
         weights, index = self.router(flat)
-        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).reshape(r_BTD.shape)
+        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index, num_rows=r_BTD.shape[0])
+        h2 = h2.reshape(r_BTD.shape)
         return r_BTD + self.post_feedforward_layernorm(h1 + self.post_feedforward_layernorm_2(h2))
 
     def forward(self, x, cos, sin, cache, layer, rows, starts, *, denoise: bool):
@@ -171,8 +172,8 @@ class DiffusionGemma(nn.Module):
         return rope_cos_sin(self._inv_freq[key], positions, dtype)
 
     def _run_layers(self, x, cache: KVCache, rows: list[int], *, denoise: bool):
-        starts = torch.tensor(cache.lengths(rows), device=x.device)
-        positions = starts[:, None] + torch.arange(x.shape[1], device=x.device)
+        starts = cache.lengths(rows)
+        positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
         tables = {}
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]

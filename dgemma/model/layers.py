@@ -111,23 +111,32 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = activation(act)
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor, *, num_rows: int = 1
+    ) -> torch.Tensor:
+        """Sum over each token's top-k experts of weight * down(act(gate) * up).
+
+        Tokens are grouped by (expert, row): a row's matmuls then have the same shapes whatever else is
+        in the batch. BLAS takes other code paths for tiny matrices, so grouping tokens of several rows
+        into one matmul would make a seeded request's numbers depend on its neighbours."""
         out_ND = torch.zeros_like(x_ND)
-        top_k = index_NK.shape[1]
-        flat_expert = index_NK.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.gate_up_proj.shape[0]).tolist()
+        num_tokens, top_k = index_NK.shape
+        row_of_token = torch.arange(num_tokens, device=x_ND.device) // (num_tokens // num_rows)
+        group = (index_NK * num_rows + row_of_token[:, None]).reshape(-1)
+        order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=self.gate_up_proj.shape[0] * num_rows).tolist()
         token_of = order // top_k
+        flat_weights = weights_NK.reshape(-1)
         start = 0
-        for expert, count in enumerate(counts):
+        for key, count in enumerate(counts):
             if count == 0:
                 continue
+            expert = key // num_rows
             sel = order[start : start + count]
             tokens = token_of[start : start + count]
             start += count
             gate, up = F.linear(x_ND[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.down_proj[expert])
             # weights are fp32 (router softmax); multiply there, then cast, as the reference does
-            y = y * weights_NK.reshape(-1)[sel, None]
-            out_ND.index_add_(0, tokens, y.to(out_ND.dtype))
+            out_ND.index_add_(0, tokens, (y * flat_weights[sel, None]).to(out_ND.dtype))
         return out_ND
