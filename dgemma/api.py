@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -19,7 +19,7 @@ from dgemma.text.chat import ChatTemplate, check_messages
 from dgemma.text.tokenizer import Tokenizer
 
 # One prompt: text, chat messages [{"role": ..., "content": ...}], or token ids.
-Prompt = Union[str, Sequence[dict], Sequence[int]]
+Prompt = str | Sequence[dict] | Sequence[int]
 
 
 class LLM:
@@ -58,7 +58,9 @@ class LLM:
                 raise RequestError("this checkpoint has no chat template; pass plain text or token ids")
             text = self.chat_template.render(list(prompt), enable_thinking=enable_thinking)
             return self._need_tokenizer().encode(text, add_special_tokens=False)
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
             return list(prompt)
         raise RequestError(
             "a prompt must be a string, a list of chat messages ({'role', 'content'}) or a list of token ids"
@@ -69,7 +71,9 @@ class LLM:
             raise RequestError("this checkpoint ships no tokenizer.json: pass token ids instead of text")
         return self.tokenizer
 
-    def _requests(self, prompts, params, *, drafts: bool, enable_thinking: bool) -> tuple[list[Request], bool]:
+    def _requests(
+        self, prompts, params, *, drafts: bool, enable_thinking: bool
+    ) -> tuple[list[Request], bool]:
         single = _is_single(prompts)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
@@ -78,7 +82,9 @@ class LLM:
             param_list = [params or SamplingParams()] * len(prompt_list)
         else:
             param_list = list(params)
-            if len(param_list) != len(prompt_list) or not all(isinstance(p, SamplingParams) for p in param_list):
+            if len(param_list) != len(prompt_list) or not all(
+                isinstance(p, SamplingParams) for p in param_list
+            ):
                 raise RequestError(f"give one SamplingParams, or one per prompt ({len(prompt_list)})")
         requests = [
             Request(
@@ -101,7 +107,9 @@ class LLM:
     ) -> list[GenerationOutput]:
         """Generate for one prompt or a batch; returns one output per prompt, in order."""
         requests, _ = self._requests(prompts, params, drafts=False, enable_thinking=enable_thinking)
-        outputs = [e for e in run(self.model, requests, decode=self._decode) if isinstance(e, GenerationOutput)]
+        outputs = [
+            e for e in run(self.model, requests, decode=self._decode) if isinstance(e, GenerationOutput)
+        ]
         return sorted(outputs, key=lambda o: o.index)
 
     def stream(
@@ -128,6 +136,7 @@ class LLM:
 def _is_single(prompts: Any) -> bool:
     if isinstance(prompts, str):
         return True
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(x, (dict, int)) for x in prompts):
-        return True  # chat messages or token ids: one prompt
-    return False
+    # chat messages or token ids: one prompt
+    return (
+        isinstance(prompts, Sequence) and bool(prompts) and all(isinstance(x, (dict, int)) for x in prompts)
+    )

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from dgemma.errors import DgemmaError
 
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32"}
+DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "float32": "float32",
+}
 
 
 def _default_model() -> str | None:
@@ -24,13 +30,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="checkpoint directory or Hugging Face repo id (default: $DGEMMA_MODEL)",
     )
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present, else cpu)"
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma, the block-diffusion Gemma 4.")
+    parser = argparse.ArgumentParser(
+        prog="dgemma", description="Run DiffusionGemma, the block-diffusion Gemma 4."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt (only the answer goes to stdout)")
@@ -38,16 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=None, help="exact cap (default 2048 or EOS)")
     gen.add_argument("--seed", type=int, default=None, help="make the answer reproducible")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user turn of the chat template"
+    )
     gen.add_argument("--system", default=None, help="system prompt (with --chat)")
     gen.add_argument("--think", action="store_true", help="switch thinking on (with --chat)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--sampler", choices=["entropy_bound", "confidence"], default="entropy_bound")
     gen.add_argument("--max-denoising-steps", type=int, default=None)
     gen.add_argument("--entropy-bound", type=float, default=None)
-    gen.add_argument("--confidence", type=float, default=0.9, help="top-probability threshold (confidence sampler)")
-    gen.add_argument("--show-drafts", action="store_true", help="animate the canvas while it denoises (stderr)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and stats")
+    gen.add_argument(
+        "--confidence", type=float, default=0.9, help="top-probability threshold (confidence sampler)"
+    )
+    gen.add_argument(
+        "--show-drafts", action="store_true", help="animate the canvas while it denoises (stderr)"
+    )
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object with text, token ids and stats"
+    )
 
     info = sub.add_parser("info", help="config summary, parameter counts and memory needed per dtype")
     info.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hub repo id")
@@ -173,7 +193,9 @@ def _info(args) -> int:
     directory = _config_dir(_model_or_fail(args.model))
     config = ModelConfig.from_file(directory / "config.json")
     counts = parameter_counts(config)
-    memory = {name: counts["total"] * size for name, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))}
+    memory = {
+        name: counts["total"] * size for name, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))
+    }
     kinds = [s.layer_type for s in config.layers]
     summary = {
         "path": str(directory),
@@ -199,8 +221,9 @@ def _info(args) -> int:
         return 0
     gb = 1e9
     print(f"DiffusionGemma checkpoint  {directory}")
+    sliding, full = summary["sliding_layers"], summary["full_layers"]
     print(
-        f"  layers        {config.num_layers} ({summary['sliding_layers']} sliding, {summary['full_layers']} full), "
+        f"  layers        {config.num_layers} ({sliding} sliding, {full} full), "
         f"hidden {config.hidden_size}, {config.num_heads} heads"
     )
     for kind in ("sliding", "full"):
@@ -214,11 +237,13 @@ def _info(args) -> int:
         f"  vocabulary    {config.vocab_size}, canvas {config.canvas_length} tokens, "
         f"context {config.max_position_embeddings}"
     )
-    print(f"  parameters    {counts['total'] / 1e9:.2f}B total, {counts['active_per_token'] / 1e9:.2f}B active per token")
+    total, active = counts["total"] / 1e9, counts["active_per_token"] / 1e9
+    print(f"  parameters    {total:.2f}B total, {active:.2f}B active per token")
     for group in ("experts", "attention", "dense_mlp", "embedding", "router", "self_conditioning"):
         print(f"    {group:<18}{counts[group] / 1e9:8.3f}B")
     print("  weights       " + ", ".join(f"{k} {v / gb:.1f} GB" for k, v in memory.items()))
-    print(f"  KV cache      {summary['kv_cache_bytes_per_token_bf16'] / 1024:.0f} KiB per prefix token (bfloat16)")
+    kib = summary["kv_cache_bytes_per_token_bf16"] / 1024
+    print(f"  KV cache      {kib:.0f} KiB per prefix token (bfloat16)")
     return 0
 
 

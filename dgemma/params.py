@@ -61,7 +61,9 @@ class DiffusionDefaults:
         if "pad_token_id" in data:
             values["pad_token_id"] = data["pad_token_id"]
         if data.get("max_new_tokens") is not None:
-            logger.debug("ignoring generation_config max_new_tokens=%s (one canvas cap)", data["max_new_tokens"])
+            logger.debug(
+                "ignoring generation_config max_new_tokens=%s (one canvas cap)", data["max_new_tokens"]
+            )
         try:
             SamplingParams(**{k: v for k, v in values.items() if k in _PARAM_NAMES})
         except RequestError as exc:
@@ -153,13 +155,6 @@ class ResolvedParams:
     stability_threshold: int
     confidence_threshold: float
 
-    def make_sampler(self):
-        from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler
-
-        if self.sampler == "confidence":
-            return ConfidenceSampler(self.confidence)
-        return EntropyBoundSampler(self.entropy_bound)
-
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if value is None:
@@ -179,4 +174,6 @@ def _check_float(
         raise RequestError(f"{name} must be a finite number, got {value!r}")
     if value < low or (low_open and value == low) or (high is not None and value > high):
         bound = f"> {low}" if low_open else f">= {low}"
-        raise RequestError(f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}")
+        raise RequestError(
+            f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}"
+        )

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures import write_tiny_checkpoint  # noqa: E402
+from fixtures import write_tiny_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

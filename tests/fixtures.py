@@ -17,13 +17,24 @@ from dgemma.model.config import ModelConfig
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.weights import save_checkpoint
 
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<image>"]
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<|turn>",
+    "<turn|>",
+    "<|channel>",
+    "<channel|>",
+    "<|think|>",
+    "<image>",
+]
 TURN_END = 4  # "<turn|>": ends a model turn, so it is an EOS id in generation_config.json
 IMAGE_TOKEN = 8
 
 CHAT_TEMPLATE = (
     r"{{ bos_token }}"
-    r"{% if enable_thinking and messages[0].role != 'system' %}{{ '<|turn>system\n<|think|><turn|>\n' }}{% endif %}"
+    r"{% if enable_thinking and messages[0].role != 'system' %}"
+    r"{{ '<|turn>system\n<|think|><turn|>\n' }}{% endif %}"
     r"{% for m in messages %}"
     r"{{ '<|turn>' + ('model' if m.role == 'assistant' else m.role) + '\n' }}"
     r"{% if m.role == 'system' and enable_thinking %}{{ '<|think|>' }}{% endif %}"
@@ -77,7 +88,11 @@ def tiny_config_dict(*, vocab_size: int = 384, canvas_length: int = 16) -> dict:
             "bos_token_id": 2,
             "rope_parameters": {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.25,
+                    "rope_theta": 1e6,
+                },
             },
         },
     }

@@ -19,8 +19,14 @@ CASES = [
     {"prompt": "def add(a, b):", "params": {"seed": 1, "max_new_tokens": 40}},
     {"prompt": "The quick brown fox", "params": {"seed": 7, "max_new_tokens": 21, "max_denoising_steps": 4}},
     {"prompt": [{"role": "user", "content": "hi"}], "params": {"seed": 3, "max_new_tokens": 48}},
-    {"prompt": "import os", "params": {"seed": 5, "max_new_tokens": 32, "sampler": "confidence", "confidence": 0.5}},
-    {"prompt": "for i in", "params": {"seed": 11, "max_new_tokens": 50, "confidence_threshold": 8.0, "stability_threshold": 0}},
+    {
+        "prompt": "import os",
+        "params": {"seed": 5, "max_new_tokens": 32, "sampler": "confidence", "confidence": 0.5},
+    },
+    {
+        "prompt": "for i in",
+        "params": {"seed": 11, "max_new_tokens": 50, "confidence_threshold": 8.0, "stability_threshold": 0},
+    },
 ]
 
 

@@ -48,7 +48,12 @@ def text_config(**overrides) -> dict:
 
 
 def make_reference(
-    text: dict | None = None, *, canvas_length: int = 16, seed: int = 0, vision: bool = True, weight_scale: float = 1.0
+    text: dict | None = None,
+    *,
+    canvas_length: int = 16,
+    seed: int = 0,
+    vision: bool = True,
+    weight_scale: float = 1.0,
 ):
     """A transformers DiffusionGemmaForBlockDiffusion with random weights (non-trivial norms and scales).
 

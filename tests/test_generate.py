@@ -68,13 +68,22 @@ def test_stats(llm):
     assert out.stats.tokens_per_forward == pytest.approx(len(out.token_ids) / sum(out.stats.steps_per_canvas))
     assert out.stats.seconds > 0
     record = out.to_dict()
-    assert set(record) >= {"text", "token_ids", "finish_reason", "steps_per_canvas", "tokens_per_forward", "seconds"}
+    assert set(record) >= {
+        "text",
+        "token_ids",
+        "finish_reason",
+        "steps_per_canvas",
+        "tokens_per_forward",
+        "seconds",
+    }
 
 
 def test_stop_string_ends_the_answer(llm):
     golden = CASES[0]["expected"]["text"]
     stop = golden[10:13]
-    (out,) = llm.generate(CASES[0]["prompt"], SamplingParams(**CASES[0]["params"], stop=[stop, "never-there"]))
+    (out,) = llm.generate(
+        CASES[0]["prompt"], SamplingParams(**CASES[0]["params"], stop=[stop, "never-there"])
+    )
     assert out.finish_reason == "stop"
     assert out.text == golden[: golden.index(stop)]
     assert stop not in out.text
@@ -90,7 +99,11 @@ def test_stream_deltas_add_up_and_drafts_are_opt_in(llm):
     assert "".join(d.text for d in deltas) == final[0].text
     assert sum(len(d.token_ids) for d in deltas) == len(final[0].token_ids)
     assert len(drafts) == sum(final[0].stats.steps_per_canvas)
-    assert drafts[0].canvas == 0 and drafts[0].step == 1 and len(drafts[0].token_ids) == llm.model.config.canvas_length
+    assert (
+        drafts[0].canvas == 0
+        and drafts[0].step == 1
+        and len(drafts[0].token_ids) == llm.model.config.canvas_length
+    )
     assert not any(isinstance(e, Draft) for e in llm.stream("def add(a, b):", params))
 
 
@@ -113,7 +126,9 @@ def test_chat_template_and_thinking(llm):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     off = llm.chat_template.render(messages)
     on = llm.chat_template.render(messages, enable_thinking=True)
-    assert off.startswith("<bos><|turn>system\n") and off.endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    assert off.startswith("<bos><|turn>system\n") and off.endswith(
+        "<|turn>model\n<|channel>thought\n<channel|>"
+    )
     assert "<|think|>" in on and "<|think|>" not in off
     ids = llm.tokenize(messages, enable_thinking=True)
     assert ids[0] == 2 and llm.tokenizer.token_to_id("<|think|>") in ids

@@ -74,7 +74,9 @@ def test_encode_and_denoise_match_reference(pair):
             self_conditioning = None
             for _ in range(2):  # first step without, second with self-conditioning logits
                 expected = reference(
-                    decoder_input_ids=canvas, past_key_values=ref_cache, self_conditioning_logits=self_conditioning
+                    decoder_input_ids=canvas,
+                    past_key_values=ref_cache,
+                    self_conditioning_logits=self_conditioning,
                 ).logits
                 got = ours.denoise(canvas, cache, self_conditioning)
                 assert got.dtype == torch.float32 and got.shape == (batch, canvas_len, vocab)
@@ -128,18 +130,24 @@ def test_seeded_generation_equals_reference_generate(small_vocab_pair, settings)
     steps_seen = []
     for seed in range(5):
         torch.manual_seed(seed)
-        expected = reference.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=24,
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=settings["entropy_bound"]),
-            t_min=0.4,
-            t_max=0.8,
-            eos_token_id=[1],
-            pad_token_id=0,
-            **hf_settings,
-        ).sequences[0, len(prompt) :].tolist()
+        expected = (
+            reference.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=24,
+                sampler_config=EntropyBoundSamplerConfig(entropy_bound=settings["entropy_bound"]),
+                t_min=0.4,
+                t_max=0.8,
+                eos_token_id=[1],
+                pad_token_id=0,
+                **hf_settings,
+            )
+            .sequences[0, len(prompt) :]
+            .tolist()
+        )
         params = SamplingParams(seed=seed, max_new_tokens=24, t_min=0.4, t_max=0.8, **settings)
-        request = Request(index=0, prompt_ids=tuple(prompt), params=params.resolve(DiffusionDefaults(eos_token_ids=(1,))))
+        request = Request(
+            index=0, prompt_ids=tuple(prompt), params=params.resolve(DiffusionDefaults(eos_token_ids=(1,)))
+        )
         (output,) = [e for e in run(ours, [request]) if isinstance(e, GenerationOutput)]
         steps_seen.extend(output.stats.steps_per_canvas)
         if 1 in expected:  # the reference keeps the EOS then pads; we end the answer before the EOS

@@ -87,7 +87,9 @@ def test_temperature_schedule_matches_reference(steps):
 @pytest.mark.parametrize("threshold", [0.005, 0.5, 4.0])
 def test_stop_decision_matches_reference(stability, threshold):
     g = reference_classes()
-    reference = g.StableAndConfidentStoppingCriteria(stability_threshold=stability, confidence_threshold=threshold)
+    reference = g.StableAndConfidentStoppingCriteria(
+        stability_threshold=stability, confidence_threshold=threshold
+    )
     ours = StableAndConfident(stability, threshold)
     gen = torch.Generator().manual_seed(stability)
     argmaxes = [torch.tensor([[1, 2, 3, 4]])] * 3 + [torch.tensor([[1, 2, 3, 5]])] * 4
@@ -117,8 +119,12 @@ def test_confidence_sampler_accepts_confident_positions_and_at_least_one():
 def test_step_draws_come_from_the_canvas_generator_only():
     logits = torch.randn(16, 30)
     canvas = torch.zeros(16, dtype=torch.long)
-    a = sample_step(logits, canvas, temp=0.7, sampler=EntropyBoundSampler(1.0), generator=torch.Generator().manual_seed(3))
+    a = sample_step(
+        logits, canvas, temp=0.7, sampler=EntropyBoundSampler(1.0), generator=torch.Generator().manual_seed(3)
+    )
     torch.manual_seed(999)  # the global RNG must not matter
     torch.rand(10)
-    b = sample_step(logits, canvas, temp=0.7, sampler=EntropyBoundSampler(1.0), generator=torch.Generator().manual_seed(3))
+    b = sample_step(
+        logits, canvas, temp=0.7, sampler=EntropyBoundSampler(1.0), generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a.next_canvas, b.next_canvas)

@@ -24,7 +24,12 @@ def copy_ckpt(src, dst):
 def logits_of(model, seed=0):
     cache = model.new_cache(batch_size=1, max_length=64)
     model.encode(torch.tensor([[2, 10, 11, 12]]), cache)
-    canvas = torch.randint(0, model.config.vocab_size, (1, model.config.canvas_length), generator=torch.Generator().manual_seed(seed))
+    canvas = torch.randint(
+        0,
+        model.config.vocab_size,
+        (1, model.config.canvas_length),
+        generator=torch.Generator().manual_seed(seed),
+    )
     return model.denoise(canvas, cache)
 
 
@@ -68,14 +73,18 @@ def _rewrite_single_file(directory, edit):
 def test_missing_tensor_is_named(tiny_dir, tmp_path):
     d = copy_ckpt(tiny_dir, tmp_path / "c")
     _rewrite_single_file(d, lambda t: t.pop("model.decoder.layers.2.router.proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing 1 tensor.*model\.decoder\.layers\.2\.router\.proj\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing 1 tensor.*model\.decoder\.layers\.2\.router\.proj\.weight"
+    ):
         DiffusionGemma.from_pretrained(d, device="cpu")
 
 
 def test_unexpected_tensor_is_named(tiny_dir, tmp_path):
     d = copy_ckpt(tiny_dir, tmp_path / "c")
     _rewrite_single_file(d, lambda t: t.__setitem__("model.decoder.layers.0.mystery.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.decoder\.layers\.0\.mystery\.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensor 'model\.decoder\.layers\.0\.mystery\.weight'"
+    ):
         DiffusionGemma.from_pretrained(d, device="cpu")
 
 
@@ -83,19 +92,21 @@ def test_misshaped_tensor_is_named_with_both_shapes(tiny_dir, tmp_path):
     d = copy_ckpt(tiny_dir, tmp_path / "c")
     name = "model.decoder.layers.3.self_attn.q_proj.weight"
     _rewrite_single_file(d, lambda t: t.__setitem__(name, torch.zeros(64, 64)))
-    with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')}' has shape \[64, 64\].*\[128, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=rf"{name.replace('.', '[.]')}' has shape \[64, 64\].*\[128, 64\]"
+    ):
         DiffusionGemma.from_pretrained(d, device="cpu")
 
 
 def test_corrupt_and_truncated_files_are_named(tiny_dir, tmp_path):
     d = copy_ckpt(tiny_dir, tmp_path / "c")
     (d / "model.safetensors").write_bytes(b"\x00\x01garbage")
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         DiffusionGemma.from_pretrained(d, device="cpu")
     d2 = copy_ckpt(tiny_dir, tmp_path / "t")
     data = (d2 / "model.safetensors").read_bytes()
     (d2 / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         DiffusionGemma.from_pretrained(d2, device="cpu")
 
 

@@ -80,7 +80,11 @@ class ConfidenceSampler(Sampler):
         return keep.scatter(-1, best, True)
 
 
-SAMPLERS = {EntropyBoundSampler.name: EntropyBoundSampler, ConfidenceSampler.name: ConfidenceSampler}
+def make_sampler(name: str, *, entropy_bound: float, confidence: float) -> Sampler:
+    """The sampler a request asked for (names as in SamplingParams.sampler)."""
+    if name == ConfidenceSampler.name:
+        return ConfidenceSampler(confidence)
+    return EntropyBoundSampler(entropy_bound)
 
 
 def random_canvas(length: int, vocab_size: int, generator: torch.Generator | None, device) -> torch.Tensor:

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgemma.denoise.sampler import Sampler, StableAndConfident, random_canvas, sample_step, temperature
+from dgemma.denoise.sampler import (
+    Sampler,
+    StableAndConfident,
+    make_sampler,
+    random_canvas,
+    sample_step,
+    temperature,
+)
 from dgemma.errors import CapacityError, RequestError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.outputs import Draft, GenerationOutput, GenerationStats, StreamEvent, TextDelta
@@ -57,9 +64,13 @@ def check_prompt(prompt_ids: Sequence[int], config) -> None:
         raise RequestError("the prompt is empty: give at least one token")
     bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
     if bad:
-        raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{config.vocab_size - 1}")
+        raise RequestError(
+            f"prompt token ids {bad[:5]} are outside the vocabulary 0..{config.vocab_size - 1}"
+        )
     if config.image_token_id is not None and config.image_token_id in prompt_ids:
-        raise RequestError("image inputs are not supported yet (the prompt holds the image placeholder token)")
+        raise RequestError(
+            "image inputs are not supported yet (the prompt holds the image placeholder token)"
+        )
 
 
 def plan_lengths(prompt_len: int, requested: int | None, canvas: int, context: int) -> int:
@@ -94,7 +105,9 @@ def run(
         if request.params.stop and decode is None:
             raise RequestError("stop strings need a tokenizer, and this checkpoint ships none")
         check_prompt(request.prompt_ids, config)
-        max_new = plan_lengths(len(request.prompt_ids), request.params.max_new_tokens, c, config.max_position_embeddings)
+        max_new = plan_lengths(
+            len(request.prompt_ids), request.params.max_new_tokens, c, config.max_position_embeddings
+        )
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         rows.append(
             _Row(
@@ -102,7 +115,11 @@ def run(
                 row=slot,
                 max_new_tokens=max_new,
                 generator=torch.Generator(model.device).manual_seed(seed),
-                sampler=request.params.make_sampler(),
+                sampler=make_sampler(
+                    request.params.sampler,
+                    entropy_bound=request.params.entropy_bound,
+                    confidence=request.params.confidence,
+                ),
                 text=TextStream(decode or (lambda ids: ""), request.params.stop),
                 started=time.perf_counter(),
             )
@@ -126,7 +143,9 @@ def run(
             for i, r in enumerate(active):
                 params = r.request.params
                 temp = temperature(r.cur_step, params.max_denoising_steps, params.t_min, params.t_max)
-                outcome = sample_step(logits[i], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator)
+                outcome = sample_step(
+                    logits[i], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator
+                )
                 stop = r.stopper(outcome.argmax, outcome.mean_entropy)
                 r.canvas, r.self_conditioning = outcome.next_canvas, outcome.tempered.to(model.dtype)
                 r.cur_step -= 1
@@ -143,8 +162,7 @@ def run(
                 if stop or r.cur_step == 0:
                     r.canvas = outcome.argmax  # the committed canvas is the argmax one
                     committed.append(r)
-            for event in _commit(committed):
-                yield event
+            yield from _commit(committed)
             going_on = [r for r in committed if r.finish_reason is None]
             if going_on:
                 model.encode(torch.cat([r.canvas for r in going_on]), cache, rows=[r.row for r in going_on])
@@ -169,7 +187,12 @@ def _denoise_batch(model: DiffusionGemma, active: list[_Row], cache) -> torch.Te
     if any(with_sc):
         template = next(r.self_conditioning for r in active if r.self_conditioning is not None)
         # rows on their first step get zeros with mask 0: exactly the no-signal path for them
-        sc = torch.cat([r.self_conditioning if r.self_conditioning is not None else torch.zeros_like(template) for r in active])
+        sc = torch.cat(
+            [
+                r.self_conditioning if r.self_conditioning is not None else torch.zeros_like(template)
+                for r in active
+            ]
+        )
         mask = None if all(with_sc) else torch.tensor(with_sc, device=canvas.device)
     return model.denoise(canvas, cache, sc, rows=[r.row for r in active], self_conditioning_mask=mask)
 

@@ -53,7 +53,9 @@ class Attention(nn.Module):
             k_1KSE = k_1KSE.repeat_interleave(groups, dim=1)
             v_1KSE = v_1KSE.repeat_interleave(groups, dim=1)
         # scale 1.0: q_norm / k_norm carry the scale (as in the checkpoint's training)
-        out = F.scaled_dot_product_attention(q_1THE.transpose(1, 2), k_1KSE, v_1KSE, attn_mask=mask_TS, scale=1.0)
+        out = F.scaled_dot_product_attention(
+            q_1THE.transpose(1, 2), k_1KSE, v_1KSE, attn_mask=mask_TS, scale=1.0
+        )
         return out.transpose(1, 2)
 
     # Attention runs row by row over exactly that row's keys (no padding to the longest row): the

@@ -134,8 +134,17 @@ class DiffusionGemma(nn.Module):
         generator = torch.Generator(model.device).manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if name.endswith(("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight",
-                                  ".scale", "per_expert_scale", "layer_scalar")):
+                if name.endswith(
+                    (
+                        "norm.weight",
+                        "layernorm.weight",
+                        "layernorm_1.weight",
+                        "layernorm_2.weight",
+                        ".scale",
+                        "per_expert_scale",
+                        "layer_scalar",
+                    )
+                ):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)

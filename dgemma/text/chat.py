@@ -27,7 +27,9 @@ class ChatTemplate:
             raise RequestError(f"chat template: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent, ensure_ascii=False)
+        env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(
+            value, indent=indent, ensure_ascii=False
+        )
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
@@ -56,7 +58,9 @@ class ChatTemplate:
             source = next((t.get("template") for t in source if t.get("name") == "default"), None)
         return cls(source, **tokens) if isinstance(source, str) else None
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, enable_thinking: bool = False):
+    def render(
+        self, messages: list[dict], *, add_generation_prompt: bool = True, enable_thinking: bool = False
+    ):
         from jinja2 import TemplateError
 
         check_messages(messages)

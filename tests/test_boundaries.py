@@ -1,0 +1,56 @@
+"""Architecture rules from the design guide, checked on the source: transformers is a test-only
+dependency, lower layers never import higher ones, and importing dgemma does no work."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parent.parent / "dgemma"
+# each unit may import only from its own level and below (model/config.py is a plain record: level 0)
+LEVEL = {
+    "errors": 0, "params": 0, "outputs": 0, "logs": 0, "model.config": 0,
+    "cache": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "cli": 6,
+}  # fmt: skip
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def unit(module: str) -> str:
+    return "model.config" if module == "dgemma.model.config" else module.split(".")[1]
+
+
+def test_transformers_is_never_imported_by_the_package():
+    for path in PACKAGE.rglob("*.py"):
+        assert not any(m.split(".")[0] == "transformers" for m in imports_of(path)), path
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        own = rel.parts[0].removesuffix(".py")
+        if own == "__init__":
+            continue
+        for module in imports_of(path):
+            if module.startswith("dgemma."):
+                assert LEVEL[unit(module)] <= LEVEL[own], f"{rel} imports {module}"
+
+
+def test_import_does_no_work():
+    code = (
+        "import sys, dgemma; "
+        "assert 'transformers' not in sys.modules; "
+        "import torch; assert not torch.cuda.is_initialized(); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -1,0 +1,111 @@
+"""The command line: stdout carries only the answer (or one JSON object); errors are one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dgemma.cli import main
+
+
+def test_generate_json(tiny_dir, capsys):
+    code = main(
+        [
+            "generate",
+            "def add(a, b):",
+            "--model",
+            str(tiny_dir),
+            "--seed",
+            "0",
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    record = json.loads(out)  # exactly one JSON object on stdout
+    assert set(record) >= {
+        "text",
+        "token_ids",
+        "finish_reason",
+        "steps_per_canvas",
+        "tokens_per_forward",
+        "seconds",
+    }
+    assert record["finish_reason"] in ("stop", "length") and len(record["token_ids"]) <= 20
+
+
+def test_generate_plain_prints_only_the_text(tiny_dir, capsys):
+    from dgemma import LLM, SamplingParams
+
+    expected = LLM(tiny_dir).generate("def add(a, b):", SamplingParams(seed=1, max_new_tokens=12))[0].text
+    assert (
+        main(
+            ["generate", "def add(a, b):", "--model", str(tiny_dir), "--seed", "1", "--max-new-tokens", "12"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_chat_and_drafts(tiny_dir, capsys):
+    args = [
+        "generate",
+        "hi",
+        "--model",
+        str(tiny_dir),
+        "--chat",
+        "--think",
+        "--seed",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]
+    assert main([*args, "--show-drafts"]) == 0
+    drafted = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == drafted  # the animation lives on stderr only
+
+
+def test_errors_are_one_line_without_traceback(tiny_dir, tmp_path):
+    cases = [
+        ["generate", "x", "--model", str(tmp_path / "missing")],
+        ["generate", "x", "--model", str(tiny_dir), "--max-new-tokens", "0"],
+        ["generate", "x", "--model", str(tiny_dir), "--entropy-bound", "-1"],
+    ]
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-m", "dgemma.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""
+        assert proc.stderr.startswith("dgemma: error: ") and "Traceback" not in proc.stderr
+
+
+def test_missing_model_says_what_to_do(monkeypatch, capsys):
+    monkeypatch.delenv("DGEMMA_MODEL", raising=False)
+    assert main(["generate", "x"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_info(tiny_dir, capsys, as_json):
+    assert main(["info", str(tiny_dir), *(["--json"] if as_json else [])]) == 0
+    out = capsys.readouterr().out
+    if as_json:
+        record = json.loads(out)
+        assert record["layers"] == 4 and record["full_layers"] == 1 and record["experts"] == 4
+        assert record["weights_bytes"]["float32"] == 2 * record["weights_bytes"]["bfloat16"]
+    else:
+        assert "4 experts, top-2" in out and "head_dim 32, 1 KV heads, no v_proj" in out
+
+
+def test_info_parameter_count_matches_the_weights(tiny_dir):
+    from dgemma import DiffusionGemma
+    from dgemma.model.config import parameter_counts
+
+    model = DiffusionGemma.from_pretrained(tiny_dir)
+    counted = sum(p.numel() for n, p in model.named_parameters() if "layer_scalar" not in n)
+    assert parameter_counts(model.config)["total"] == counted
