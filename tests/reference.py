@@ -74,6 +74,8 @@ def make_reference(
         for name, tensor in model.named_parameters():
             if name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
                 tensor.copy_(1.0 + 0.3 * torch.randn(tensor.shape, generator=generator))
+            elif name.endswith(".bias"):  # zero-initialised: randomise, or a misplaced bias would not show
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
             else:
                 tensor.mul_(weight_scale)
         for name, buffer in model.named_buffers():

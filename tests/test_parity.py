@@ -38,6 +38,22 @@ CONFIGS = {
         batch=3,
         prompt=3,
     ),
+    "bias_exact_gelu_default_layout_canvas_12": dict(
+        text=text_config(
+            attention_bias=True,
+            hidden_activation="gelu",
+            layer_types=None,  # the config's own default: 5 sliding then 1 full
+            num_hidden_layers=6,
+            num_global_key_value_heads=None,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0, "factor": 4.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+            },
+        ),
+        batch=2,
+        prompt=9,
+        canvas=12,
+    ),
     "window_larger_than_prefix": dict(
         text=text_config(sliding_window=64, top_k_experts=1), batch=2, prompt=7
     ),
@@ -51,7 +67,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     spec = CONFIGS[request.param]
-    reference = make_reference(spec["text"], canvas_length=16, seed=3)
+    reference = make_reference(spec["text"], canvas_length=spec.get("canvas", 16), seed=3)
     path = save_reference(reference, tmp_path_factory.mktemp(request.param))
     ours = DiffusionGemma.from_pretrained(path, device="cpu", dtype=torch.float32)
     return reference, ours, spec

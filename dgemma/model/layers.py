@@ -43,13 +43,12 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
     """Inverse frequencies, head_dim / 2 of them; 'proportional' rotates a leading share and pads with 0."""
-    if spec.rope_type == "default":
-        inv = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    else:  # proportional: the exponent's denominator is the whole head_dim, unrotated pairs get frequency 0
-        angles = int(spec.partial_rotary_factor * head_dim // 2)
-        rotated = 1.0 / (spec.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / head_dim))
-        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
-    return inv / spec.factor
+    if spec.rope_type == "default":  # (the reference's default RoPE ignores `factor`)
+        return 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    # proportional: the exponent's denominator is the whole head_dim, unrotated pairs get frequency 0
+    angles = int(spec.partial_rotary_factor * head_dim // 2)
+    rotated = 1.0 / (spec.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / head_dim))
+    return torch.cat([rotated, torch.zeros(head_dim // 2 - angles)]) / spec.factor
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
