@@ -47,7 +47,11 @@ CONFIGS = {
             num_global_key_value_heads=None,
             rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 500.0, "factor": 4.0},
-                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.5,
+                    "rope_theta": 1e4,
+                },
             },
         ),
         batch=2,

@@ -28,22 +28,39 @@ class Attention(nn.Module):
         self.spec = spec
         self.num_heads = num_heads
         e = spec.head_dim
-        self.q_proj = nn.Linear(hidden, num_heads * e, bias=bias)
-        self.k_proj = nn.Linear(hidden, spec.num_kv_heads * e, bias=bias)
-        self.v_proj = nn.Linear(hidden, spec.num_kv_heads * e, bias=bias) if spec.has_v_proj else None
-        self.o_proj = nn.Linear(num_heads * e, hidden, bias=bias)
+        self.q_proj = nn.Linear(hidden, num_heads * e, bias=False)
+        self.k_proj = nn.Linear(hidden, spec.num_kv_heads * e, bias=False)
+        self.v_proj = nn.Linear(hidden, spec.num_kv_heads * e, bias=False) if spec.has_v_proj else None
+        self.o_proj = nn.Linear(num_heads * e, hidden, bias=False)
+        # With attention_bias, the reference ties the weights of both modes but not the biases: each mode
+        # has its own (the release has none).
+        self.encoder_bias = self.decoder_bias = None
+        if bias:
+            sizes = {"q_proj": num_heads * e, "k_proj": spec.num_kv_heads * e, "o_proj": hidden}
+            if spec.has_v_proj:
+                sizes["v_proj"] = spec.num_kv_heads * e
+            self.encoder_bias = nn.ParameterDict({k: nn.Parameter(torch.zeros(n)) for k, n in sizes.items()})
+            self.decoder_bias = nn.ParameterDict({k: nn.Parameter(torch.zeros(n)) for k, n in sizes.items()})
         self.q_norm = RMSNorm(e, eps)
         self.k_norm = RMSNorm(e, eps)
         self.v_norm = RMSNorm(e, eps, with_scale=False)
 
-    def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def linear(self, name: str, x: torch.Tensor, *, denoise: bool) -> torch.Tensor:
+        biases = self.decoder_bias if denoise else self.encoder_bias
+        return F.linear(x, getattr(self, name).weight, None if biases is None else biases[name])
+
+    def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, denoise: bool):
         """q [B, T, H, E], k and v [B, T, K, E], normed; q and k rotated (V never is)."""
         b, t, _ = x_BTD.shape
-        e = self.spec.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x_BTD).view(b, t, self.num_heads, e)), cos, sin)
-        k_raw = self.k_proj(x_BTD).view(b, t, self.spec.num_kv_heads, e)
+        e, kv = self.spec.head_dim, self.spec.num_kv_heads
+        q = apply_rope(self.q_norm(self.linear("q_proj", x_BTD, denoise=denoise).view(b, t, -1, e)), cos, sin)
+        k_raw = self.linear("k_proj", x_BTD, denoise=denoise).view(b, t, kv, e)
         # full layers have no v_proj: V is the raw k_proj output (before k_norm and RoPE)
-        v_raw = self.v_proj(x_BTD).view(b, t, self.spec.num_kv_heads, e) if self.v_proj is not None else k_raw
+        v_raw = (
+            self.linear("v_proj", x_BTD, denoise=denoise).view(b, t, kv, e)
+            if self.v_proj is not None
+            else k_raw
+        )
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         return q, k, self.v_norm(v_raw)
 
@@ -63,7 +80,7 @@ class Attention(nn.Module):
 
     def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int]):
         """Causal attention of T new tokens per row; `starts` holds each row's prefix length."""
-        q, k, v = self.project(x_BTD, cos, sin)
+        q, k, v = self.project(x_BTD, cos, sin, denoise=False)
         cache.write(layer, rows, k, v)
         b, t, _ = x_BTD.shape
         outs = []
@@ -76,11 +93,11 @@ class Attention(nn.Module):
             if self.spec.window is not None:
                 mask &= k_pos > q_pos - self.spec.window
             outs.append(self.attend(q[i : i + 1], k_row, v_row, mask))
-        return self.o_proj(torch.cat(outs).reshape(b, t, -1))
+        return self.linear("o_proj", torch.cat(outs).reshape(b, t, -1), denoise=False)
 
     def denoise(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int]):
         """Bidirectional attention of the canvas over itself and the cached prefix (read-only)."""
-        q, k, v = self.project(x_BCD, cos, sin)
+        q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         b, c, _ = x_BCD.shape
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         outs = []
@@ -90,4 +107,4 @@ class Attention(nn.Module):
             k_row = torch.cat([k_pre, k[i : i + 1].to(k_pre.dtype)], dim=2)
             v_row = torch.cat([v_pre, v[i : i + 1].to(v_pre.dtype)], dim=2)
             outs.append(self.attend(q[i : i + 1], k_row, v_row))  # everything visible: no mask
-        return self.o_proj(torch.cat(outs).reshape(b, c, -1))
+        return self.linear("o_proj", torch.cat(outs).reshape(b, c, -1), denoise=True)

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,10 +41,16 @@ def hf_names(name: str) -> tuple[str, ...]:
         return (DECODER + name, ENCODER + name)
     if name.startswith("self_conditioning."):
         return (DECODER + name.replace(".mlp.", "."),)
+    # stored once per mode, not tied: the own mode's tensor, else (a checkpoint with one copy) the other's
     match = re.fullmatch(r"layers\.(\d+)\.(encoder|decoder)_layer_scalar", name)
-    if match:  # a buffer, stored once per mode (not tied)
-        prefix = ENCODER if match.group(2) == "encoder" else DECODER
-        return (f"{prefix}layers.{match.group(1)}.layer_scalar",)
+    if match:
+        own, other = (ENCODER, DECODER) if match.group(2) == "encoder" else (DECODER, ENCODER)
+        return (f"{own}layers.{match.group(1)}.layer_scalar", f"{other}layers.{match.group(1)}.layer_scalar")
+    match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(encoder|decoder)_bias\.(\w+)", name)
+    if match:
+        layer, mode, proj = match.groups()
+        own, other = (ENCODER, DECODER) if mode == "encoder" else (DECODER, ENCODER)
+        return tuple(f"{p}layers.{layer}.self_attn.{proj}.bias" for p in (own, other))
     if name.startswith("layers."):
         return (DECODER + name, ENCODER + name)
     raise AssertionError(f"no HF name for parameter {name}")
@@ -111,63 +116,70 @@ def checkpoint_files(directory: Path) -> list[Path]:
     return files
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, object]]:
-    """(file, name, lazy slice) for every tensor, one file open at a time."""
+def _tensor_names(files: list[Path]) -> dict[str, Path]:
+    """Every tensor name in the checkpoint and the file that holds it (headers only)."""
+    where: dict[str, Path] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                    yield file, name, handle
+                    where.setdefault(name, file)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
+    return where
 
 
 def load_model(directory: Path, *, device=None, dtype=None, progress: bool = False) -> DiffusionGemma:
     config = ModelConfig.from_file(directory / "config.json")
     files = checkpoint_files(directory)
-    device, dtype = default_device_and_dtype(device, dtype)
+    where = _tensor_names(files)
     model = DiffusionGemma.empty(config, device=device, dtype=dtype)
     params = dict(model.named_parameters())
-    owner = {hf: ours for ours in params for hf in hf_names(ours)}
-    loaded: set[str] = set()
-    skipped_vision = 0
-    bar = _progress(files, progress)
-    for file, name, handle in _iter_tensors(files):
-        if name.startswith(VISION_PREFIXES):
-            skipped_vision += 1
-            continue
-        ours = owner.get(name)
-        if ours is None:
-            raise CheckpointError(
-                f"{file.name}: unexpected tensor {name!r} (not part of the DiffusionGemma text model)"
-            )
-        if ours in loaded:  # a tied alias of a tensor already in place
-            continue
-        try:
-            tensor = handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({exc})") from None
-        param = params[ours]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
-                f"config.json implies {list(param.shape)}"
-            )
-        if not (tensor.is_floating_point()):
-            raise CheckpointError(f"{file.name}: tensor {name!r} has non-float dtype {tensor.dtype}")
-        param.data.copy_(tensor)
-        loaded.add(ours)
-        if bar is not None:
-            bar.advance(tensor.numel() * tensor.element_size())
-    if bar is not None:
-        bar.close()
-    missing = [hf_names(p)[0] for p in params if p not in loaded]
+
+    # each parameter reads its canonical name, else the first tied alias the checkpoint has
+    source = {ours: next((n for n in hf_names(ours) if n in where), None) for ours in params}
+    missing = [hf_names(p)[0] for p, name in source.items() if name is None]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory}: checkpoint is missing {len(missing)} tensor(s): {shown}")
-    if skipped_vision:
-        logger.info("skipped %d vision-tower tensors (image input is not supported yet)", skipped_vision)
+    known = {n for ours in params for n in hf_names(ours)}
+    vision = [n for n in where if n.startswith(VISION_PREFIXES)]
+    for name, file in where.items():
+        if name not in known and not name.startswith(VISION_PREFIXES):
+            raise CheckpointError(
+                f"{file.name}: unexpected tensor {name!r} (not part of the DiffusionGemma text model)"
+            )
+
+    readers: dict[Path, list[tuple[str, str]]] = {}
+    for ours, name in source.items():
+        readers.setdefault(where[name], []).append((name, ours))
+    bar = _progress(files, progress)
+    for file in files:  # one file open at a time, one tensor in host memory at a time
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name, ours in readers.get(file, []):
+                    tensor = handle.get_tensor(name)
+                    _copy_in(tensor, params[ours], file, name)
+                    if bar is not None:
+                        bar.advance(tensor.numel() * tensor.element_size())
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
+    if bar is not None:
+        bar.close()
+    if vision:
+        logger.info("skipped %d vision-tower tensors (image input is not supported yet)", len(vision))
     return model
+
+
+def _copy_in(tensor: torch.Tensor, param: torch.nn.Parameter, file: Path, name: str) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise CheckpointError(
+            f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
+            f"config.json implies {list(param.shape)}"
+        )
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{file.name}: tensor {name!r} has non-float dtype {tensor.dtype}")
+    param.data.copy_(tensor)
 
 
 def state_dict_hf(model: DiffusionGemma) -> dict[str, torch.Tensor]:
