@@ -15,6 +15,7 @@ import torch
 
 from dgemma.model.config import ModelConfig
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.presets import RELEASE_GENERATION_CONFIG
 from dgemma.model.weights import save_checkpoint
 
 SPECIAL_TOKENS = [
@@ -124,18 +125,8 @@ def write_tiny_checkpoint(directory: Path, *, seed: int = 0, max_shard_bytes: in
     # std 0.5: large enough that this random model is confident about some tokens, so canvases can
     # stop early and EOS can appear (0.02 would give near-uniform logits).
     model = DiffusionGemma.random(config, device="cpu", dtype=torch.float32, seed=seed, std=0.5)
-    generation_config = {
-        "max_denoising_steps": 8,
-        "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-        "t_min": 0.4,
-        "t_max": 0.8,
-        "stability_threshold": 1,
-        "confidence_threshold": 0.005,
-        "max_new_tokens": 256,
-        "eos_token_id": [1, TURN_END],
-        "pad_token_id": 0,
-        "bos_token_id": 2,
-    }
+    # the release's generation config, with fewer steps and the tiny vocabulary's EOS ids
+    generation_config = {**RELEASE_GENERATION_CONFIG, "max_denoising_steps": 8, "eos_token_id": [1, TURN_END]}
     tokenizer_config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
     save_checkpoint(
         model,
