@@ -172,8 +172,8 @@ class _DraftView:
         from rich.panel import Panel
         from rich.text import Text
 
-        body = Text(self.committed)
-        body.append(draft, style="dim cyan")
+        body = Text(_printable(self.committed))
+        body.append(_printable(draft), style="dim cyan")
         self.live.update(Panel(body, title="dgemma", subtitle=caption))
 
     def draft(self, event) -> None:
@@ -185,6 +185,11 @@ class _DraftView:
 
     def close(self) -> None:
         self.live.stop()
+
+
+def _printable(text: str) -> str:
+    """Control characters would break the live frame: show them as a middle dot (display only)."""
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else "\u00b7" for ch in text)
 
 
 def _info(args) -> int:

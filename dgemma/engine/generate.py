@@ -150,13 +150,13 @@ def run(
                 r.canvas, r.self_conditioning = outcome.next_canvas, outcome.tempered.to(model.dtype)
                 r.cur_step -= 1
                 r.steps_per_canvas[-1] += 1
-                if r.request.drafts and decode is not None:
+                if r.request.drafts:
                     ids = tuple(outcome.argmax[0].tolist())
                     yield Draft(
                         index=r.request.index,
                         canvas=len(r.steps_per_canvas) - 1,
                         step=r.steps_per_canvas[-1],
-                        text=decode(ids),
+                        text=decode(ids) if decode is not None else "",
                         token_ids=ids,
                     )
                 if stop or r.cur_step == 0:
