@@ -180,8 +180,7 @@ class DiffusionGemma(nn.Module):
             self._inv_freq[key] = rope_inv_freq(spec.rope, spec.head_dim).to(positions.device)
         return rope_cos_sin(self._inv_freq[key], positions, dtype)
 
-    def _run_layers(self, x, cache: KVCache, rows: list[int], *, denoise: bool):
-        starts = cache.lengths(rows)
+    def _run_layers(self, x, cache: KVCache, rows: list[int], starts: list[int], *, denoise: bool):
         positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
         tables = {}
         for i, layer in enumerate(self.layers):
@@ -212,7 +211,7 @@ class DiffusionGemma(nn.Module):
         if token_ids.shape[0] != len(rows):
             raise RequestError(f"token_ids has {token_ids.shape[0]} rows for {len(rows)} cache rows")
         cache.check_room(rows, token_ids.shape[1])
-        hidden = self._run_layers(self._embed(token_ids), cache, rows, denoise=False)
+        hidden = self._run_layers(self._embed(token_ids), cache, rows, cache.lengths(rows), denoise=False)
         cache.advance(rows, token_ids.shape[1])
         return hidden
 
@@ -224,13 +223,27 @@ class DiffusionGemma(nn.Module):
         *,
         rows: Sequence[int] | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
+        prefix_lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """The denoiser's final hidden states [B, C, D] (the head is applied separately)."""
+        """The denoiser's final hidden states [B, C, D] (the head is applied separately).
+
+        `prefix_lengths` lets each row see only its first tokens of the cache (default: all encoded):
+        training encodes a whole clean sequence once, then denoises a canvas from the middle of it."""
         rows = cache.rows_or_all(rows)
+        starts = cache.lengths(rows)
+        if prefix_lengths is not None:
+            prefix_lengths = [int(n) for n in prefix_lengths]
+            if len(prefix_lengths) != len(rows) or any(
+                not 0 <= n <= s for n, s in zip(prefix_lengths, starts)
+            ):
+                raise RequestError(
+                    f"prefix_lengths {prefix_lengths} must be within the encoded lengths {starts}"
+                )
+            starts = prefix_lengths
         canvas_ids = self._check_ids(canvas_ids, "canvas_ids")
         if canvas_ids.shape[0] != len(rows):
             raise RequestError(f"canvas_ids has {canvas_ids.shape[0]} rows for {len(rows)} cache rows")
-        top = max(cache.lengths(rows), default=0) + canvas_ids.shape[1]
+        top = max(starts, default=0) + canvas_ids.shape[1]
         if top > self.config.max_position_embeddings:
             raise CapacityError(
                 f"canvas positions reach {top}, past the context of {self.config.max_position_embeddings}"
@@ -248,7 +261,7 @@ class DiffusionGemma(nn.Module):
             if self_conditioning_mask is not None:
                 soft = soft * self_conditioning_mask.to(soft.device, soft.dtype)[:, None, None]
         x = self.self_conditioning(embeds, soft)
-        return self._run_layers(x, cache, rows, denoise=True)
+        return self._run_layers(x, cache, rows, starts, denoise=True)
 
     def soft_embedding(self, logits_BCV: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""
@@ -271,6 +284,7 @@ class DiffusionGemma(nn.Module):
         *,
         rows: Sequence[int] | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
+        prefix_lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """fp32 soft-capped logits [B, C, V] for the canvas; the cache is left unchanged."""
         hidden = self.denoise_hidden(
@@ -279,6 +293,7 @@ class DiffusionGemma(nn.Module):
             self_conditioning_logits,
             rows=rows,
             self_conditioning_mask=self_conditioning_mask,
+            prefix_lengths=prefix_lengths,
         )
         return self.logits(hidden)
 
