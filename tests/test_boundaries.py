@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "dgemma"
 # each unit may import only from its own level and below (model/config.py is a plain record: level 0)
 LEVEL = {
     "errors": 0, "params": 0, "outputs": 0, "logs": 0, "model.config": 0,
-    "cache": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "cli": 6,
+    "cache": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "train": 5, "cli": 6,
 }  # fmt: skip
 
 
@@ -44,6 +44,11 @@ def test_lower_layers_do_not_import_higher_ones():
         for module in imports_of(path):
             if module.startswith("dgemma."):
                 assert LEVEL[unit(module)] <= LEVEL[own], f"{rel} imports {module}"
+
+
+def test_training_never_imports_the_engine():
+    for path in (PACKAGE / "train").rglob("*.py"):
+        assert not any(m.startswith(("dgemma.engine", "dgemma.api")) for m in imports_of(path)), path
 
 
 def test_import_does_no_work():
