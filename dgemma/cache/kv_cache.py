@@ -75,6 +75,13 @@ class KVCache:
         self.keys[layer][row_idx, :, pos] = k_BTKE.to(self.keys[layer].dtype)
         self.values[layer][row_idx, :, pos] = v_BTKE.to(self.values[layer].dtype)
 
+    def read_rows(self, layer: int, rows: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [B, K, length, E] of several rows (positions past a row's end are stale: mask them)."""
+        if list(rows) == list(range(self.batch_size)):
+            return self.keys[layer][:, :, :length], self.values[layer][:, :, :length]
+        idx = torch.tensor(rows, device=self.device)
+        return self.keys[layer][idx, :, :length], self.values[layer][idx, :, :length]
+
     def read_row(self, layer: int, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [1, K, end - start, E] of one row's positions start..end-1 (a view, no copy)."""
         return self.keys[layer][row : row + 1, :, start:end], self.values[layer][row : row + 1, :, start:end]

@@ -75,14 +75,26 @@ class Attention(nn.Module):
         )
         return out.transpose(1, 2)
 
-    # Attention runs row by row over exactly that row's keys (no padding to the longest row): the
-    # kernel's blocking, and so its rounding, then never depends on the other rows of the batch.
+    # With `invariant` (inference), attention runs row by row over exactly that row's keys (no padding
+    # to the longest row): the kernel's blocking, and so its rounding, never depends on the other rows.
+    # Without it (training), one padded, masked call serves the whole batch.
 
-    def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int]):
+    def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int],
+               *, invariant: bool = True):  # fmt: skip
         """Causal attention of T new tokens per row; `starts` holds each row's prefix length."""
         q, k, v = self.project(x_BTD, cos, sin, denoise=False)
         cache.write(layer, rows, k, v)
         b, t, _ = x_BTD.shape
+        if not invariant:
+            length = max(starts) + t
+            k_all, v_all = cache.read_rows(layer, rows, length)
+            q_pos = torch.tensor(starts, device=x_BTD.device)[:, None] + torch.arange(t, device=x_BTD.device)
+            k_pos = torch.arange(length, device=x_BTD.device)
+            mask = k_pos[None, None, :] <= q_pos[:, :, None]
+            if self.spec.window is not None:
+                mask &= k_pos[None, None, :] > q_pos[:, :, None] - self.spec.window
+            out = self.attend(q, k_all, v_all, mask[:, None])
+            return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
         outs = []
         for i, (row, start) in enumerate(zip(rows, starts)):
             lo = 0 if self.spec.window is None else max(0, start + 1 - self.spec.window)
@@ -95,11 +107,25 @@ class Attention(nn.Module):
             outs.append(self.attend(q[i : i + 1], k_row, v_row, mask))
         return self.linear("o_proj", torch.cat(outs).reshape(b, t, -1), denoise=False)
 
-    def denoise(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int]):
+    def denoise(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int],
+                *, invariant: bool = True):  # fmt: skip
         """Bidirectional attention of the canvas over itself and the cached prefix (read-only)."""
         q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         b, c, _ = x_BCD.shape
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if not invariant:
+            length = max(starts)
+            k_pre, v_pre = cache.read_rows(layer, rows, length)
+            k_pos = torch.arange(length, device=x_BCD.device)
+            start = torch.tensor(starts, device=x_BCD.device)[:, None]
+            visible = k_pos[None, :] < start
+            if self.spec.window is not None:
+                visible &= k_pos[None, :] >= start - (self.spec.window - 1)
+            mask = torch.cat([visible, visible.new_ones(b, c)], dim=1)[:, None, None, :]
+            k_all = torch.cat([k_pre, k.to(k_pre.dtype)], dim=2)
+            v_all = torch.cat([v_pre, v.to(v_pre.dtype)], dim=2)
+            out = self.attend(q, k_all, v_all, mask)
+            return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)
         outs = []
         for i, (row, start) in enumerate(zip(rows, starts)):
             lo = 0 if self.spec.window is None else max(0, start - (self.spec.window - 1))

@@ -49,21 +49,25 @@ class Layer(nn.Module):
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
         self.decoder_layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
 
-    def feed_forward(self, r_BTD: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, r_BTD: torch.Tensor, *, invariant: bool = True) -> torch.Tensor:
         h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r_BTD)))
         flat = r_BTD.reshape(-1, r_BTD.shape[-1])
         weights, index = self.router(flat)
-        h2 = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index, num_rows=r_BTD.shape[0])
+        h2 = self.experts(
+            self.pre_feedforward_layernorm_2(flat),
+            weights,
+            index,
+            num_rows=r_BTD.shape[0] if invariant else 1,
+        )
         h2 = h2.reshape(r_BTD.shape)
         return r_BTD + self.post_feedforward_layernorm(h1 + self.post_feedforward_layernorm_2(h2))
 
-    def forward(self, x, cos, sin, cache, layer, rows, starts, *, denoise: bool):
+    def forward(self, x, cos, sin, cache, layer, rows, starts, *, denoise: bool, invariant: bool = True):
         attn = self.self_attn.denoise if denoise else self.self_attn.encode
-        r = x + self.post_attention_layernorm(
-            attn(self.input_layernorm(x), cos, sin, cache, layer, rows, starts)
-        )
+        h = attn(self.input_layernorm(x), cos, sin, cache, layer, rows, starts, invariant=invariant)
+        r = x + self.post_attention_layernorm(h)
         scalar = self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
-        return self.feed_forward(r) * scalar
+        return self.feed_forward(r, invariant=invariant) * scalar
 
 
 class SelfConditioning(nn.Module):
@@ -94,6 +98,9 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         self._inv_freq: dict[tuple, torch.Tensor] = {}
+        # Inference keeps every row's arithmetic independent of the rest of the batch (a seeded answer
+        # must not depend on its neighbours); training turns this off for batched, padded kernels.
+        self.batch_invariant = True
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -189,7 +196,7 @@ class DiffusionGemma(nn.Module):
             if key not in tables:
                 tables[key] = self._rope(spec, positions, x.dtype)
             cos, sin = tables[key]
-            x = layer(x, cos, sin, cache, i, rows, starts, denoise=denoise)
+            x = layer(x, cos, sin, cache, i, rows, starts, denoise=denoise, invariant=self.batch_invariant)
         return self.norm(x)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
