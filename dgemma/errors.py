@@ -19,6 +19,10 @@ class RequestError(DgemmaError):
     """A request is invalid: bad parameter, unsupported input (maps to HTTP 400)."""
 
 
+class DataError(DgemmaError):
+    """Training data is malformed (names the file, the line and what is wrong)."""
+
+
 class CapacityError(RequestError):
     """A request can never fit (prompt plus output longer than the context or the cache)."""
 

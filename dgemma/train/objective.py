@@ -40,6 +40,8 @@ class Example:
     token_ids: tuple[int, ...]  # prompt + response; the response ends with an EOS
     response_start: int
     loss_start: int
+    # plain text: the target canvas may start anywhere after the BOS (continuation from any point)
+    random_start: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +69,13 @@ def num_canvases(example: Example, canvas_length: int) -> int:
 def make_batch(examples: list[Example], canvas_length: int, pad_id: int, generator: torch.Generator) -> Batch:
     """Pick one canvas per example uniformly among its response's canvases and pad to a common length."""
     c = canvas_length
-    picks = [int(torch.randint(num_canvases(e, c), (1,), generator=generator)) for e in examples]
-    starts = [e.response_start + k * c for e, k in zip(examples, picks)]
+    starts = []
+    for e in examples:
+        if e.random_start:
+            starts.append(int(torch.randint(1, len(e.token_ids), (1,), generator=generator)))
+        else:
+            k = int(torch.randint(num_canvases(e, c), (1,), generator=generator))
+            starts.append(e.response_start + k * c)
     length = max(max(len(e.token_ids) for e in examples), max(starts) + c)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     encoder_mask = torch.zeros(len(examples), length, dtype=torch.bool)
