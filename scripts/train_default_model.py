@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--max-train-files", type=int, default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--profile", action="store_true", help="print the top ops of two steps first")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,9 @@ def main() -> int:
     config = ModelConfig.from_dict(config_dict)
     model = DiffusionGemma.random(config, device=device, dtype=torch.float32, seed=0, std=0.02)
 
+    # fixed shapes: cuDNN attention would otherwise build a new plan for every new sequence length
+    pad_to = MAX_LENGTH + config.canvas_length
+    torch.backends.cuda.enable_cudnn_sdp(False)
     # time a few steps to size the schedule so that it ends when the budget does
     model.requires_grad_(True)
     model.batch_invariant = False
@@ -162,14 +166,30 @@ def main() -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        batch = make_batch([train[j] for j in torch.randint(len(train), (args.batch_size,), generator=gen)],
-                           config.canvas_length, PAD, gen)  # fmt: skip
+        pick = torch.randint(len(train), (args.batch_size,), generator=gen)
+        batch = make_batch([train[j] for j in pick], config.canvas_length, PAD, gen, pad_to=pad_to)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
         model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / steps_timed
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                pick = torch.randint(len(train), (args.batch_size,), generator=gen)
+                batch = make_batch([train[j] for j in pick], config.canvas_length, PAD, gen, pad_to=pad_to)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
+                model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
     max_steps = max(20, int(args.minutes * 60 / (step_s * 1.08)))
     print(f"{step_s * 1000:.0f} ms per step -> {max_steps} steps", flush=True)
 
@@ -181,6 +201,7 @@ def main() -> int:
         eval_every=max(1, max_steps // 8),
         save_every=max(1, max_steps // 4),
         freeze_router=False,  # from scratch: the router must learn
+        pad_to=pad_to,
     )
 
     def log_evals(record: dict) -> None:

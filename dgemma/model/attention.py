@@ -114,7 +114,8 @@ class Attention(nn.Module):
         b, c, _ = x_BCD.shape
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         if not invariant:
-            length = max(starts)
+            # the whole cache, masked per row: one shape for every batch (training pads to fixed sizes)
+            length = cache.max_length
             k_pre, v_pre = cache.read_rows(layer, rows, length)
             k_pos = torch.arange(length, device=x_BCD.device)
             start = torch.tensor(starts, device=x_BCD.device)[:, None]

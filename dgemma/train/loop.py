@@ -45,6 +45,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     freeze_router: bool = True  # the SFT recipe keeps the router frozen; training from scratch must not
+    pad_to: int | None = None  # pad every batch to this length (fixed shapes; None: the batch's longest)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self):
@@ -141,7 +142,9 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loss(self, examples: list[Example], generator: torch.Generator):
-        batch = make_batch(examples, self.model.config.canvas_length, self.pad_id, generator)
+        batch = make_batch(
+            examples, self.model.config.canvas_length, self.pad_id, generator, pad_to=self.config.pad_to
+        )
         if self.model.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return compute_loss(self.model, batch, self.config.objective, generator)

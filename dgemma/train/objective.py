@@ -66,8 +66,16 @@ def num_canvases(example: Example, canvas_length: int) -> int:
     return -(-(len(example.token_ids) - example.response_start) // canvas_length)
 
 
-def make_batch(examples: list[Example], canvas_length: int, pad_id: int, generator: torch.Generator) -> Batch:
-    """Pick one canvas per example uniformly among its response's canvases and pad to a common length."""
+def make_batch(
+    examples: list[Example],
+    canvas_length: int,
+    pad_id: int,
+    generator: torch.Generator,
+    *,
+    pad_to: int | None = None,
+) -> Batch:
+    """Pick one canvas per example uniformly among its response's canvases and pad to a common length
+    (at least `pad_to`: fixed shapes keep GPU kernels from re-planning every step)."""
     c = canvas_length
     starts = []
     for e in examples:
@@ -76,7 +84,7 @@ def make_batch(examples: list[Example], canvas_length: int, pad_id: int, generat
         else:
             k = int(torch.randint(num_canvases(e, c), (1,), generator=generator))
             starts.append(e.response_start + k * c)
-    length = max(max(len(e.token_ids) for e in examples), max(starts) + c)
+    length = max(max(len(e.token_ids) for e in examples), max(starts) + c, pad_to or 0)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     encoder_mask = torch.zeros(len(examples), length, dtype=torch.bool)
     for b, e in enumerate(examples):
