@@ -3,8 +3,10 @@
 Sources: the Python standard library (PSF License) and installed distributions whose metadata declares a
 permissive license (MIT, BSD, Apache, PSF, ISC). Every file is read as UTF-8, parsed with `ast` (files
 that do not parse are dropped), deduplicated by content, and assigned to train or held-out by a hash of
-its content (so the split does not depend on the machine's file order). The 50 signature prompts
-(signature + docstring of a function) come from held-out files only.
+its content (so the split does not depend on the machine's file order). Each top-level function and
+class of a training file is also written as a record of its own, so that completing a definition from
+its first line (how the model is used) is in the training distribution, not only whole files. The 50
+signature prompts (signature + docstring of a function) come from held-out files only.
 
     python scripts/build_corpus.py OUT_DIR [--max-files N] [--prompts 50]
 
@@ -56,6 +58,19 @@ def sources() -> list[tuple[Path, str, str]]:
     return out
 
 
+def definitions(tree: ast.Module, text: str) -> list[tuple[str, str]]:
+    """(name, source) of each top-level function and class, decorators included."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            segment = "".join(lines[first - 1 : node.end_lineno])
+            if 150 <= len(segment) <= 8000:
+                out.append((node.name, segment))
+    return out
+
+
 def signature_prompt(tree: ast.Module, text: str) -> str | None:
     """A function's signature line(s) and docstring, as a completion prompt."""
     lines = text.splitlines(keepends=True)
@@ -79,7 +94,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     seen: set[str] = set()
-    counts = {"train": 0, "heldout": 0, "bytes": 0}
+    counts = {"train": 0, "heldout": 0, "definitions": 0, "bytes": 0}
     licenses: dict[str, int] = {}
     candidates: list[tuple[str, str]] = []
     with open(args.out / "train.jsonl", "w") as train, open(args.out / "heldout.jsonl", "w") as heldout:
@@ -102,6 +117,12 @@ def main() -> int:
             split = "heldout" if int(digest[:8], 16) / 16**8 < HELDOUT_SHARE else "train"
             record = json.dumps({"text": text, "source": label, "license": lic})
             (heldout if split == "heldout" else train).write(record + "\n")
+            if split == "train":
+                for name, segment in definitions(tree, text):
+                    train.write(
+                        json.dumps({"text": segment, "source": f"{label}::{name}", "license": lic}) + "\n"
+                    )
+                    counts["definitions"] += 1
             counts[split] += 1
             counts["bytes"] += len(data)
             licenses[lic] = licenses.get(lic, 0) + 1
