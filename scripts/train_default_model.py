@@ -100,7 +100,13 @@ def train_tokenizer(corpus: Path, vocab_size: int):
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tok = Backend(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # A newline is always a token of its own. Byte-level BPE would otherwise merge it with the next
+    # line's indentation ("\n    "), and a bare "\n" token would then only ever appear at the end of a
+    # file: a prompt ending in a newline (every signature + docstring prompt) would read as "end of
+    # file" and the model would answer EOS.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
