@@ -195,7 +195,9 @@ def test_batched_training_path_matches_the_invariant_path(pair):
             for row, prompt in enumerate(prompts):
                 ours.encode(prompt, cache, rows=[row])
             ours.encode(canvas, cache)  # a batched commit over rows of different lengths
-            results.append(ours.denoise(canvas, cache, prefix_lengths=[spec["prompt"] + c, spec["prompt"] + 5]))
+            results.append(
+                ours.denoise(canvas, cache, prefix_lengths=[spec["prompt"] + c, spec["prompt"] + 5])
+            )
         finally:
             ours.batch_invariant = True
     assert rel_err(results[1], results[0]) < TOLERANCE

@@ -70,10 +70,16 @@ def _chat_example(messages, tokenizer, template, ids: TokenIds, max_length: int)
         full = template.render(messages, add_generation_prompt=False)
     except RequestError as exc:
         raise ValueError(str(exc)) from None
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the conversation without its prompt as a prefix")
+    content = last.get("content")
+    if not isinstance(content, str) or not content:
+        raise ValueError("the assistant's answer must be a non-empty string")
+    # The prompt is what the model sees at inference (the generation prompt, e.g. with an empty thought
+    # channel); the answer is its text as the template renders it, through the end of the turn.
+    at = full.rfind(content)
+    if at < 0:
+        raise ValueError("the chat template does not render the answer's text")
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(full[len(prompt) :], add_special_tokens=False)
+    answer_ids = tokenizer.encode(full[at:], add_special_tokens=False)
     cut = next((i for i, t in enumerate(answer_ids) if t in ids.stop), None)
     answer_ids = answer_ids[: cut + 1] if cut is not None else [*answer_ids, ids.eos]
     token_ids = (*prompt_ids, *answer_ids)

@@ -165,7 +165,10 @@ class Trainer:
                 totals["eval_encoder"] += float(parts.encoder) / self.config.eval_batches
         return totals
 
-    def run(self, *, resume: bool = False, progress: bool = False) -> list[dict]:
+    def run(
+        self, *, resume: bool = False, progress: bool = False, stop_after: int | None = None
+    ) -> list[dict]:
+        """Train to `max_steps` (or stop after step `stop_after`, checkpointed, as an interruption would)."""
         if resume:
             self.load()
         self.model.batch_invariant = False
@@ -206,8 +209,10 @@ class Trainer:
                     bar.update(record)
                 if self.on_log is not None:
                     self.on_log(record)
-                if self.step % c.save_every == 0 or self.step == c.max_steps:
+                if self.step % c.save_every == 0 or self.step in (c.max_steps, stop_after):
                     self.save()
+                if self.step == stop_after:
+                    break
         finally:
             self.model.batch_invariant = True
             if bar is not None:
