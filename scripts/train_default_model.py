@@ -166,33 +166,30 @@ def main() -> int:
     model.requires_grad_(True)
     model.batch_invariant = False
     gen = torch.Generator().manual_seed(123)
-    steps_timed = 6
-    for i in range(steps_timed + 2):
-        if i == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        pick = torch.randint(len(train), (args.batch_size,), generator=gen)
-        batch = make_batch([train[j] for j in pick], config.canvas_length, PAD, gen, pad_to=pad_to)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
-        model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - start) / steps_timed
+
+    def trial_steps(count: int) -> float:
+        """Seconds per forward + backward step (no optimizer step; its own generator)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(count):
+            pick = torch.randint(len(train), (args.batch_size,), generator=gen)
+            batch = make_batch([train[j] for j in pick], config.canvas_length, PAD, gen, pad_to=pad_to)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
+            model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / count
+
+    trial_steps(2)  # warm-up
+    step_s = trial_steps(6)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            for _ in range(2):
-                pick = torch.randint(len(train), (args.batch_size,), generator=gen)
-                batch = make_batch([train[j] for j in pick], config.canvas_length, PAD, gen, pad_to=pad_to)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
-                model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            trial_steps(2)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40), flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
