@@ -154,18 +154,20 @@ def load_model(directory: Path, *, device=None, dtype=None, progress: bool = Fal
     for ours, name in source.items():
         readers.setdefault(where[name], []).append((name, ours))
     bar = _progress(files, progress)
-    for file in files:  # one file open at a time, one tensor in host memory at a time
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name, ours in readers.get(file, []):
-                    tensor = handle.get_tensor(name)
-                    _copy_in(tensor, params[ours], file, name)
-                    if bar is not None:
-                        bar.advance(tensor.numel() * tensor.element_size())
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
-    if bar is not None:
-        bar.close()
+    try:
+        for file in files:  # one file open at a time, one tensor in host memory at a time
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for name, ours in readers.get(file, []):
+                        tensor = handle.get_tensor(name)
+                        _copy_in(tensor, params[ours], file, name)
+                        if bar is not None:
+                            bar.advance(tensor.numel() * tensor.element_size())
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
+    finally:
+        if bar is not None:
+            bar.close()
     if vision:
         logger.info("skipped %d vision-tower tensors (image input is not supported yet)", len(vision))
     return model

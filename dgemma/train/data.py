@@ -50,7 +50,6 @@ def record_examples(
                 token_ids=(ids.bos, *body[i : i + window]), response_start=1, loss_start=1, random_start=True
             )
             for i in range(0, len(body), window)
-            if len(body[i : i + window]) > 0
         ]
     if "messages" in record:
         return [_chat_example(record["messages"], tokenizer, template, ids, max_length)]
