@@ -128,10 +128,6 @@ class LLM:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    @property
-    def decode(self):
-        return self._decode if self.tokenizer is not None else None
-
 
 def _is_single(prompts: Any) -> bool:
     if isinstance(prompts, str):

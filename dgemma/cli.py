@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from dgemma.errors import DgemmaError
 
@@ -194,8 +193,9 @@ def _printable(text: str) -> str:
 
 def _info(args) -> int:
     from dgemma.model.config import ModelConfig, kv_bytes_per_token, parameter_counts
+    from dgemma.model.weights import resolve_checkpoint
 
-    directory = _config_dir(_model_or_fail(args.model))
+    directory = resolve_checkpoint(_model_or_fail(args.model))
     config = ModelConfig.from_file(directory / "config.json")
     counts = parameter_counts(config)
     memory = {
@@ -262,15 +262,6 @@ def _layer_summary(config, kind: str) -> str:
     if s.rope.rope_type == "proportional":
         rope += f" x{s.rope.partial_rotary_factor:g}"
     return f"head_dim {s.head_dim}, {s.num_kv_heads} KV heads{window}, {rope}"
-
-
-def _config_dir(model: str) -> Path:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    from dgemma.model.weights import resolve_checkpoint
-
-    return resolve_checkpoint(model)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class DiffusionDefaults:
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
     eos_token_ids: tuple[int, ...] = (1,)
-    pad_token_id: int | None = 0
 
     @classmethod
     def from_checkpoint(cls, directory: Path, eos_token_ids: tuple[int, ...]) -> DiffusionDefaults:
@@ -58,8 +57,6 @@ class DiffusionDefaults:
         eos = data.get("eos_token_id")
         if eos is not None:
             values["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
-        if "pad_token_id" in data:
-            values["pad_token_id"] = data["pad_token_id"]
         if data.get("max_new_tokens") is not None:
             logger.debug(
                 "ignoring generation_config max_new_tokens=%s (one canvas cap)", data["max_new_tokens"]
@@ -94,7 +91,6 @@ class SamplingParams:
     stability_threshold: int | None = None
     confidence_threshold: float | None = None
     ignore_eos: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -131,7 +127,7 @@ class SamplingParams:
             sampler=self.sampler,
             confidence=self.confidence,
             eos_token_ids=() if self.ignore_eos else defaults.eos_token_ids,
-            **{k: v for k, v in merged.items() if k not in ("eos_token_ids", "pad_token_id")},
+            **{k: v for k, v in merged.items() if k != "eos_token_ids"},
         )
 
 

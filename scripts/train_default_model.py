@@ -227,7 +227,6 @@ def main() -> int:
         "bos_token_id": BOS,
     }
     model.to(torch.bfloat16)
-    model.config.source.update(config_dict)
     save_checkpoint(
         model,
         model_dir,

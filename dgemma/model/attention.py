@@ -75,6 +75,13 @@ class Attention(nn.Module):
         )
         return out.transpose(1, 2)
 
+    def causal_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Which keys each query of an encode sees: its past and itself, within the window if sliding."""
+        mask = k_pos <= q_pos
+        if self.spec.window is not None:
+            mask &= k_pos > q_pos - self.spec.window
+        return mask
+
     # With `invariant` (inference), attention runs row by row over exactly that row's keys (no padding
     # to the longest row): the kernel's blocking, and so its rounding, never depends on the other rows.
     # Without it (training), one padded, masked call serves the whole batch.
@@ -90,10 +97,9 @@ class Attention(nn.Module):
             k_all, v_all = cache.read_rows(layer, rows, length)
             q_pos = torch.tensor(starts, device=x_BTD.device)[:, None] + torch.arange(t, device=x_BTD.device)
             k_pos = torch.arange(length, device=x_BTD.device)
-            mask = k_pos[None, None, :] <= q_pos[:, :, None]
-            if self.spec.window is not None:
-                mask &= k_pos[None, None, :] > q_pos[:, :, None] - self.spec.window
-            out = self.attend(q, k_all, v_all, mask[:, None])
+            out = self.attend(
+                q, k_all, v_all, self.causal_mask(q_pos[:, :, None], k_pos[None, None, :])[:, None]
+            )
             return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
         outs = []
         for i, (row, start) in enumerate(zip(rows, starts)):
@@ -101,10 +107,7 @@ class Attention(nn.Module):
             k_row, v_row = cache.read_row(layer, row, lo, start + t)
             q_pos = start + torch.arange(t, device=x_BTD.device)[:, None]
             k_pos = lo + torch.arange(start + t - lo, device=x_BTD.device)[None, :]
-            mask = k_pos <= q_pos
-            if self.spec.window is not None:
-                mask &= k_pos > q_pos - self.spec.window
-            outs.append(self.attend(q[i : i + 1], k_row, v_row, mask))
+            outs.append(self.attend(q[i : i + 1], k_row, v_row, self.causal_mask(q_pos, k_pos)))
         return self.linear("o_proj", torch.cat(outs).reshape(b, t, -1), denoise=False)
 
     def denoise(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int],

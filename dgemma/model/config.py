@@ -76,11 +76,6 @@ class ModelConfig:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    @property
-    def sliding_window(self) -> int | None:
-        windows = {spec.window for spec in self.layers if spec.is_sliding}
-        return windows.pop() if windows else None
-
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
