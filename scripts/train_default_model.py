@@ -26,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma.model.config import ModelConfig
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.presets import RELEASE_GENERATION_CONFIG
 from dgemma.model.weights import save_checkpoint
 from dgemma.text.tokenizer import Tokenizer
 from dgemma.train.data import TokenIds, load_examples
 from dgemma.train.loop import TrainConfig, Trainer
 from dgemma.train.objective import ObjectiveConfig, compute_loss, make_batch
+from dgemma.train.tokenizer import train_bpe
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>"]
 PAD, EOS, BOS = 0, 1, 2
@@ -96,27 +98,7 @@ def texts(path: Path, max_bytes: int = 60 * 10**6):
 
 
 def train_tokenizer(corpus: Path, vocab_size: int):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Backend(models.BPE())
-    # A newline is always a token of its own. Byte-level BPE would otherwise merge it with the next
-    # line's indentation ("\n    "), and a bare "\n" token would then only ever appear at the end of a
-    # file: a prompt ending in a newline (every signature + docstring prompt) would read as "end of
-    # file" and the model would answer EOS.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts(corpus / "train.jsonl"), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    return tok
+    return train_bpe(texts(corpus / "train.jsonl"), vocab_size=vocab_size, special_tokens=SPECIALS)
 
 
 def main() -> int:
@@ -216,16 +198,12 @@ def main() -> int:
     final = trainer.history[-1]
 
     generation_config = {
+        **RELEASE_GENERATION_CONFIG,
         "max_denoising_steps": 32,
         "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
-        "t_min": 0.4,
-        "t_max": 0.8,
-        "stability_threshold": 1,
-        "confidence_threshold": 0.005,
         "eos_token_id": [EOS],
-        "pad_token_id": PAD,
-        "bos_token_id": BOS,
     }
+    del generation_config["max_new_tokens"]
     model.to(torch.bfloat16)
     save_checkpoint(
         model,

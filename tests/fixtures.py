@@ -17,6 +17,7 @@ from dgemma.model.config import ModelConfig
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.presets import RELEASE_GENERATION_CONFIG
 from dgemma.model.weights import save_checkpoint
+from dgemma.train.tokenizer import train_bpe
 
 SPECIAL_TOKENS = [
     "<pad>",
@@ -100,20 +101,10 @@ def tiny_config_dict(*, vocab_size: int = 384, canvas_length: int = 16) -> dict:
 
 
 def build_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    # newlines not isolated: the goldens in tests/golden/ were made with this tokenizer
+    return train_bpe(
+        CORPUS * 20, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, isolate_newlines=False
     )
-    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return tokenizer
 
 
 def write_tiny_checkpoint(directory: Path, *, seed: int = 0, max_shard_bytes: int = 5 * 2**30) -> Path:
