@@ -1,6 +1,7 @@
 """Measure a code-completion checkpoint on held-out signature prompts (prompts.jsonl of build_corpus.py).
 
-    python scripts/eval_default_model.py MODEL_DIR PROMPTS.jsonl [--entropy-bounds 0.5 1.0] [--ar]
+    python scripts/eval_default_model.py MODEL_DIR PROMPTS.jsonl [--entropy-bounds 0.5 1.0] \
+        [--max-steps 12 16] [--ar]
 
 For each prompt (a function's signature and docstring) the model completes up to 128 tokens; the
 completion is cut at the end of the function (its first top-level line) and counted as valid when it
@@ -49,11 +50,13 @@ def parses(source: str | None) -> bool:
         return False
 
 
-def evaluate(llm: LLM, prompts: list[str], bound: float, max_new_tokens: int) -> dict:
+def evaluate(llm: LLM, prompts: list[str], bound: float, max_steps: int | None, max_new_tokens: int) -> dict:
     ok = steps = canvases = tokens = 0
     seconds = 0.0
     for i, prompt in enumerate(prompts):
-        params = SamplingParams(max_new_tokens=max_new_tokens, entropy_bound=bound, seed=i)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, entropy_bound=bound, max_denoising_steps=max_steps, seed=i
+        )
         out = llm.generate(prompt, params)[0]
         ok += parses(function_source(prompt, out.text))
         steps += out.stats.denoise_steps
@@ -62,6 +65,7 @@ def evaluate(llm: LLM, prompts: list[str], bound: float, max_new_tokens: int) ->
         seconds += out.stats.seconds
     return {
         "entropy_bound": bound,
+        "max_denoising_steps": max_steps or llm.defaults.max_denoising_steps,
         "parse_rate": ok / len(prompts),
         "steps_per_canvas": steps / canvases,
         "tokens_per_forward": tokens / steps,
@@ -96,6 +100,9 @@ def main() -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("prompts", type=Path)
     parser.add_argument("--entropy-bounds", type=float, nargs="+", default=[0.5])
+    parser.add_argument(
+        "--max-steps", type=int, nargs="+", default=[0], help="max denoise steps per canvas (0: the model's)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ar", action="store_true")
@@ -110,9 +117,10 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "diffusion": [],
     }
-    for bound in args.entropy_bounds:
-        result["diffusion"].append(evaluate(llm, prompts, bound, args.max_new_tokens))
-        print(json.dumps(result["diffusion"][-1]), flush=True)
+    for max_steps in args.max_steps:
+        for bound in args.entropy_bounds:
+            result["diffusion"].append(evaluate(llm, prompts, bound, max_steps or None, args.max_new_tokens))
+            print(json.dumps(result["diffusion"][-1]), flush=True)
     if args.ar:
         result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens)
     print(json.dumps(result))

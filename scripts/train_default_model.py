@@ -1,14 +1,16 @@
 """Train the embedded default model from scratch: a small DiffusionGemma for Python code completion.
 
     python scripts/build_corpus.py corpus/
-    python scripts/train_default_model.py --corpus corpus/ --out run/ --minutes 8 [--resume]
+    python scripts/train_default_model.py --corpus corpus/ --out run/ --minutes 8 [--resume | --init-from DIR]
 
 1. trains a byte-level BPE tokenizer (8192 entries) on the training split;
 2. builds the model (both sliding and full layers, 8 experts top-2, self-conditioning; ~13M parameters),
    trains it with the diffusion + encoder objective for the given minutes (the step count is set from a
-   short timing run, so the learning-rate schedule ends on time); `--resume` continues a run;
+   short timing run, so the learning-rate schedule ends on time); `--resume` continues a run exactly,
+   `--init-from` starts a new schedule (and optimizer) from an exported model and its tokenizer;
 3. writes the checkpoint in the HF layout (bfloat16 weights in shards under 16 MB, config, tokenizer,
-   chat template, generation config) to OUT/model and the training record to OUT/train_metrics.json.
+   chat template, generation config) to OUT/model at every save and at the end, and the training
+   record to OUT/train_metrics.json.
    `scripts/eval_default_model.py` measures the result.
 """
 
@@ -101,6 +103,17 @@ def train_tokenizer(corpus: Path, vocab_size: int):
     return train_bpe(texts(corpus / "train.jsonl"), vocab_size=vocab_size, special_tokens=SPECIALS)
 
 
+def generation_config() -> dict:
+    config = {
+        **RELEASE_GENERATION_CONFIG,
+        "max_denoising_steps": 32,
+        "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
+        "eos_token_id": [EOS],
+    }
+    del config["max_new_tokens"]
+    return config
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True)
@@ -108,8 +121,10 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=8.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--canvases-per-example", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init-from", type=Path, default=None, help="an exported model to continue from")
     parser.add_argument("--max-train-files", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--profile", action="store_true", help="print the top ops of two steps first")
@@ -120,7 +135,9 @@ def main() -> int:
     t0 = time.perf_counter()
 
     tok_path = args.out / "tokenizer.json"
-    if not tok_path.exists():
+    if args.init_from is not None:
+        tok_path.write_text((args.init_from / "tokenizer.json").read_text())
+    elif not tok_path.exists():
         train_tokenizer(args.corpus, args.vocab).save(str(tok_path))
     tokenizer = Tokenizer.from_checkpoint(args.out)
     print(f"tokenizer: {tokenizer.vocab_size} entries ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -139,7 +156,12 @@ def main() -> int:
 
     config_dict = model_config(tokenizer.vocab_size)
     config = ModelConfig.from_dict(config_dict)
-    model = DiffusionGemma.random(config, device=device, dtype=torch.float32, seed=0, std=0.02)
+    if args.init_from is not None:
+        model = DiffusionGemma.from_pretrained(args.init_from, device=device, dtype=torch.float32)
+        if model.config.source != config.source:
+            raise SystemExit(f"{args.init_from}: its config differs from this script's")
+    else:
+        model = DiffusionGemma.random(config, device=device, dtype=torch.float32, seed=0, std=0.02)
 
     # fixed shapes: cuDNN attention would otherwise build a new plan for every new sequence length
     pad_to = MAX_LENGTH + config.canvas_length
@@ -156,7 +178,14 @@ def main() -> int:
         start = time.perf_counter()
         for _ in range(count):
             pick = torch.randint(len(train), (args.batch_size,), generator=gen)
-            batch = make_batch([train[j] for j in pick], config.canvas_length, PAD, gen, pad_to=pad_to)
+            batch = make_batch(
+                [train[j] for j in pick],
+                config.canvas_length,
+                PAD,
+                gen,
+                pad_to=pad_to,
+                canvases_per_example=args.canvases_per_example,
+            )
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
             model.zero_grad(set_to_none=True)
@@ -184,40 +213,38 @@ def main() -> int:
         lr=args.lr,
         warmup_steps=min(200, max_steps // 10),
         eval_every=max(1, max_steps // 8),
-        save_every=max(1, max_steps // 4),
+        save_every=max(1, max_steps // 12),
         freeze_router=False,  # from scratch: the router must learn
         pad_to=pad_to,
+        canvases_per_example=args.canvases_per_example,
     )
+
+    def export() -> None:
+        save_checkpoint(
+            model,
+            model_dir,
+            dtype=torch.bfloat16,
+            max_shard_bytes=15 * 10**6,  # files under 16 MB each
+            extra_files={
+                "tokenizer.json": tok_path.read_text(),
+                "tokenizer_config.json": json.dumps(
+                    {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+                ),
+                "chat_template.jinja": CHAT_TEMPLATE,
+                "generation_config.json": json.dumps(generation_config(), indent=2),
+            },
+        )
 
     def log_evals(record: dict) -> None:
         if "eval_diffusion" in record:
             print(json.dumps(record), flush=True)
+        if record["step"] % train_config.save_every == 0:
+            export()  # a usable model even if the run is cut off
 
     trainer = Trainer(model, train, heldout, train_config, args.out, pad_id=PAD, on_log=log_evals)
     trainer.run(resume=args.resume, progress=sys.stderr.isatty())
     final = trainer.history[-1]
-
-    generation_config = {
-        **RELEASE_GENERATION_CONFIG,
-        "max_denoising_steps": 32,
-        "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
-        "eos_token_id": [EOS],
-    }
-    del generation_config["max_new_tokens"]
-    model.to(torch.bfloat16)
-    save_checkpoint(
-        model,
-        model_dir,
-        max_shard_bytes=15 * 10**6,  # files under 16 MB each
-        extra_files={
-            "tokenizer.json": tok_path.read_text(),
-            "tokenizer_config.json": json.dumps(
-                {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
-            ),
-            "chat_template.jinja": CHAT_TEMPLATE,
-            "generation_config.json": json.dumps(generation_config, indent=2),
-        },
-    )
+    export()
     metrics = {
         "train_steps": trainer.step,
         "train_minutes": round((time.perf_counter() - t0) / 60, 1),

@@ -103,6 +103,34 @@ def test_loss_at_t_zero_is_clean_cross_entropy(model):
     assert parts.total == parts.diffusion + parts.encoder
 
 
+def test_several_canvases_per_example_share_its_encoder_pass(model):
+    examples = [chat_example(prompt_len=6, response_len=30), chat_example(3, 12)]
+    batch = make_batch(examples, 8, PAD, torch.Generator().manual_seed(1), canvases_per_example=3)
+    assert batch.ids_BT.shape[0] == 2 and batch.canvas_BC.shape == (6, 8)
+    assert batch.canvas_row_B.tolist() == [0, 0, 0, 1, 1, 1]
+    for i, (row, start) in enumerate(zip(batch.canvas_row_B.tolist(), batch.canvas_start_B.tolist())):
+        assert batch.canvas_BC[i].tolist() == batch.ids_BT[row, start : start + 8].tolist()
+    assert len(set(batch.canvas_start_B[:3].tolist())) > 1  # independent draws
+    # the loss over 6 canvases equals the mean over the same canvases denoised one at a time
+    parts = compute_loss(
+        model,
+        batch,
+        ObjectiveConfig(),
+        torch.Generator().manual_seed(0),
+        t_B=torch.zeros(6),
+        self_conditioning_B=torch.zeros(6, dtype=torch.bool),
+    )
+    with torch.no_grad():
+        total = 0.0
+        for i, (row, start) in enumerate(zip(batch.canvas_row_B.tolist(), batch.canvas_start_B.tolist())):
+            cache = model.new_cache(batch_size=1, max_length=64)
+            model.encode(batch.ids_BT[row : row + 1, :start], cache)
+            logits = model.denoise(batch.canvas_BC[i : i + 1], cache)[0]
+            mask = batch.canvas_mask_BC[i]
+            total += F.cross_entropy(logits[mask], batch.canvas_BC[i][mask], reduction="sum")
+    assert torch.allclose(parts.diffusion, total / int(batch.canvas_mask_BC.sum()), rtol=1e-5)
+
+
 def test_self_conditioning_changes_the_loss_and_gradients_reach_both_modes(model):
     batch = make_batch([chat_example(), chat_example(4, 9)], 8, PAD, torch.Generator().manual_seed(2))
     t = torch.full((2,), 0.5)

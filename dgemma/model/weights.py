@@ -195,14 +195,19 @@ def save_checkpoint(
     *,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write config.json and safetensors shards (with an index when sharded) in the HF layout.
+
+    `dtype` converts the weights as they are written (the model itself is left as it is).
 
     Files are written under temporary names and renamed into place, so a crash never leaves a
     half-written file under a real name."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_hf(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):

@@ -31,6 +31,10 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        """Many texts at once (in parallel threads)."""
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: list[int] | tuple[int, ...], *, skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -37,13 +37,18 @@ def record_examples(
     template: ChatTemplate | None,
     ids: TokenIds,
     max_length: int,
+    text_ids: list[int] | None = None,
 ) -> list[Example]:
-    """The examples of one record; raises ValueError naming what is wrong with it."""
+    """The examples of one record; raises ValueError naming what is wrong with it.
+
+    `text_ids`: the record's text already tokenized (load_examples encodes texts in batches)."""
     if "text" in record:
         text = record["text"]
-        if not isinstance(text, str) or not text:
+        if not _is_text(record):
             raise ValueError("'text' must be a non-empty string")
-        body = [*tokenizer.encode(text, add_special_tokens=False), ids.eos]
+        if text_ids is None:
+            text_ids = tokenizer.encode(text, add_special_tokens=False)
+        body = [*text_ids, ids.eos]
         window = max_length - 1
         return [
             Example(
@@ -100,11 +105,20 @@ def load_examples(
     examples: list[Example] = []
     bad: list[str] = []
     for path in paths:
-        for number, record in _read_jsonl(Path(path), bad):
+        records = list(_read_jsonl(Path(path), bad))
+        texts = [i for i, (_, record) in enumerate(records) if _is_text(record)]
+        encoded = tokenizer.encode_batch([records[i][1]["text"] for i in texts], add_special_tokens=False)
+        text_ids = dict(zip(texts, encoded))
+        for i, (number, record) in enumerate(records):
             try:
                 examples.extend(
                     record_examples(
-                        record, tokenizer=tokenizer, template=template, ids=ids, max_length=max_length
+                        record,
+                        tokenizer=tokenizer,
+                        template=template,
+                        ids=ids,
+                        max_length=max_length,
+                        text_ids=text_ids.get(i),
                     )
                 )
             except ValueError as exc:
@@ -117,6 +131,10 @@ def load_examples(
         detail = f" ({len(bad)} malformed records, first: {bad[0]})" if bad else ""
         raise DataError(f"no usable training examples{detail}")
     return examples
+
+
+def _is_text(record: dict) -> bool:
+    return isinstance(record.get("text"), str) and bool(record["text"])
 
 
 def _read_jsonl(path: Path, bad: list[str]) -> Iterator[tuple[int, dict]]:

@@ -53,11 +53,13 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Batch:
-    """Padded tensors for one step. Canvas k of example b covers positions start_B[b] .. + C - 1."""
+    """Padded tensors for one step. Target canvas i is taken from example canvas_row_B[i] at positions
+    canvas_start_B[i] .. + C - 1 (one canvas per example unless make_batch was asked for more)."""
 
     ids_BT: torch.Tensor  # clean sequences, pad after the end (canvas padding included)
     encoder_mask_BT: torch.Tensor  # True where position t's token is a supervised next-token target
-    canvas_start_B: torch.Tensor  # where each example's target canvas begins (= its visible prefix)
+    canvas_start_B: torch.Tensor  # where each target canvas begins (= its visible prefix)
+    canvas_row_B: torch.Tensor  # the example (row of ids_BT) each target canvas comes from
     canvas_BC: torch.Tensor  # the clean target canvases
     canvas_mask_BC: torch.Tensor  # True where the canvas target is supervised (real tokens and the EOS)
 
@@ -73,31 +75,40 @@ def make_batch(
     generator: torch.Generator,
     *,
     pad_to: int | None = None,
+    canvases_per_example: int = 1,
 ) -> Batch:
-    """Pick one canvas per example uniformly among its response's canvases and pad to a common length
-    (at least `pad_to`: fixed shapes keep GPU kernels from re-planning every step)."""
+    """Pick canvases uniformly among each example's response canvases and pad to a common length (at
+    least `pad_to`: fixed shapes keep GPU kernels from re-planning every step).
+
+    With `canvases_per_example` k > 1, each example's target canvas is drawn k times independently: k
+    examples of the recipe that share one encoder pass (the denoiser reads the same cache row with
+    each canvas's own prefix), so the diffusion loss gets k times the signal for a fraction of the cost."""
     c = canvas_length
-    starts = []
-    for e in examples:
-        if e.random_start:
-            starts.append(int(torch.randint(1, len(e.token_ids), (1,), generator=generator)))
-        else:
-            k = int(torch.randint(num_canvases(e, c), (1,), generator=generator))
-            starts.append(e.response_start + k * c)
+    starts, canvas_rows = [], []
+    for b, e in enumerate(examples):
+        for _ in range(canvases_per_example):
+            if e.random_start:
+                starts.append(int(torch.randint(1, len(e.token_ids), (1,), generator=generator)))
+            else:
+                k = int(torch.randint(num_canvases(e, c), (1,), generator=generator))
+                starts.append(e.response_start + k * c)
+            canvas_rows.append(b)
     length = max(max(len(e.token_ids) for e in examples), max(starts) + c, pad_to or 0)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     encoder_mask = torch.zeros(len(examples), length, dtype=torch.bool)
     for b, e in enumerate(examples):
         ids[b, : len(e.token_ids)] = torch.tensor(e.token_ids)
         encoder_mask[b, e.loss_start : len(e.token_ids)] = True
+    rows = torch.tensor(canvas_rows)
     index = torch.tensor(starts)[:, None] + torch.arange(c)
-    canvas = ids.gather(1, index)
-    lengths = torch.tensor([len(e.token_ids) for e in examples])
+    canvas = ids[rows].gather(1, index)
+    lengths = torch.tensor([len(e.token_ids) for e in examples])[rows]
     canvas_mask = index < lengths[:, None]  # the EOS is the last real token; pads after it are not
     return Batch(
         ids_BT=ids,
         encoder_mask_BT=encoder_mask,
         canvas_start_B=torch.tensor(starts),
+        canvas_row_B=rows,
         canvas_BC=canvas,
         canvas_mask_BC=canvas_mask,
     )
@@ -140,7 +151,7 @@ def compute_loss(
     """Both losses for one batch. `t_B` and `self_conditioning_B` override the random draws (tests)."""
     device = model.device
     b = batch.ids_BT.shape[0]
-    drawn_t, drawn_sc = draw_noise(b, config, generator)
+    drawn_t, drawn_sc = draw_noise(batch.canvas_BC.shape[0], config, generator)
     t_B = drawn_t if t_B is None else t_B
     self_conditioning_B = drawn_sc if self_conditioning_B is None else self_conditioning_B
     noisy, _ = corrupt(batch.canvas_BC, t_B, model.config.vocab_size, generator)
@@ -154,15 +165,17 @@ def compute_loss(
     encoder = F.cross_entropy(encoder_logits, targets[encoder_mask], reduction="mean")
 
     prefix = batch.canvas_start_B.tolist()
+    rows = batch.canvas_row_B.tolist()
     noisy = noisy.to(device)
     self_conditioning = None
     if bool(self_conditioning_B.any()):
         with torch.no_grad():  # the first pass: its logits condition the second, no gradient through it
-            self_conditioning = model.denoise(noisy, cache, prefix_lengths=prefix).detach()
+            self_conditioning = model.denoise(noisy, cache, rows=rows, prefix_lengths=prefix).detach()
     hidden = model.denoise_hidden(
         noisy,
         cache,
         self_conditioning,
+        rows=rows,
         prefix_lengths=prefix,
         self_conditioning_mask=None if self_conditioning is None else self_conditioning_B.to(device),
     )
