@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from dgemma.errors import DgemmaError
 
@@ -19,15 +20,18 @@ DTYPES = {
 }
 
 
-def _default_model() -> str | None:
-    return os.environ.get("DGEMMA_MODEL")
+def _default_model() -> str:
+    from dgemma.model.presets import DEFAULT_MODEL_DIR
+
+    return os.environ.get("DGEMMA_MODEL") or str(DEFAULT_MODEL_DIR)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="checkpoint directory or Hugging Face repo id (default: $DGEMMA_MODEL)",
+        help="checkpoint directory or Hugging Face repo id "
+        "(default: $DGEMMA_MODEL, else the embedded small Python code-completion model)",
     )
     p.add_argument(
         "--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present, else cpu)"
@@ -68,6 +72,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object with text, token ids and stats"
     )
 
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune on a JSONL file (LoRA by default, or --full) with the diffusion objective",
+        description='Records: {"text": ...} (continuation) or {"messages": [...]} (chat SFT through '
+        "the model's chat template). Writes OUT/model (HF layout; LoRA merged) and, with LoRA, "
+        "OUT/adapter (PEFT layout); checkpoints go to OUT/trainer_state (continue with --resume).",
+    )
+    ft.add_argument("--model", default=None, help="checkpoint to start from (default: the embedded model)")
+    ft.add_argument("--data", type=Path, required=True, help="training data, JSONL")
+    ft.add_argument("--out", type=Path, required=True, help="output directory")
+    ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    ft.add_argument("--lora-rank", type=int, default=16)
+    ft.add_argument("--lora-alpha", type=float, default=32.0)
+    ft.add_argument("--lora-dropout", type=float, default=0.0)
+    ft.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated module names; add 'experts' for the MoE weights",
+    )
+    ft.add_argument("--lr", type=float, default=None, help="peak rate (default 2e-4 LoRA, 2e-5 full)")
+    ft.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, as a share of --lr")
+    ft.add_argument("--warmup-steps", type=int, default=20)
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--grad-accum", type=int, default=1)
+    length = ft.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    ft.add_argument("--eval-data", type=Path, default=None, help="eval JSONL (default: an --eval-split)")
+    ft.add_argument("--eval-split", type=float, default=0.05, help="share of the data held out for eval")
+    ft.add_argument("--eval-every", type=int, default=50)
+    ft.add_argument("--save-every", type=int, default=100)
+    ft.add_argument("--max-length", type=int, default=1024, help="tokens per example (longer text is split)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    ft.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    ft.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if present)")
+    ft.add_argument("-v", "--verbose", action="store_true")
+
     info = sub.add_parser("info", help="config summary, parameter counts and memory needed per dtype")
     info.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hub repo id")
     info.add_argument("--json", action="store_true")
@@ -82,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "finetune":
+            return _finetune(args)
         return _info(args)
     except DgemmaError as exc:
         print(f"dgemma: error: {exc}", file=sys.stderr)
@@ -91,16 +135,60 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _model_or_fail(value: str | None) -> str:
-    model = value or _default_model()
-    if model is None:
-        from dgemma.errors import ConfigError
+def _model_or_default(value: str | None) -> str:
+    return value or _default_model()
 
-        raise ConfigError(
-            "no model given: pass --model PATH_OR_REPO_ID or set DGEMMA_MODEL "
-            "(the embedded default model is not bundled in this version)"
+
+def _finetune(args) -> int:
+    from dgemma.train.finetune import FinetuneOptions, finetune
+    from dgemma.train.loop import TrainConfig
+    from dgemma.train.lora import LoraConfig
+
+    lora = None
+    if not args.full:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoraConfig(
+            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets
         )
-    return model
+    train = TrainConfig(
+        max_steps=args.steps or 1,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr if args.lr is not None else (2e-5 if args.full else 2e-4),
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    options = FinetuneOptions(
+        model=_model_or_default(args.model),
+        data=args.data,
+        out=args.out,
+        lora=lora,
+        train=train,
+        epochs=None if args.steps else (args.epochs or 1.0),
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        max_length=args.max_length,
+        device=args.device,
+        resume=args.resume,
+    )
+    tty = sys.stderr.isatty()
+
+    def log(record: dict) -> None:
+        if "eval_diffusion" in record and not tty:  # the progress bar shows them on a terminal
+            print(
+                f"step {record['step']}: loss {record['loss']:.4f}  eval diffusion "
+                f"{record['eval_diffusion']:.4f}  encoder {record['eval_encoder']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    summary = finetune(options, progress=tty, on_log=log)
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _generate(args) -> int:
@@ -121,7 +209,7 @@ def _generate(args) -> int:
         confidence=args.confidence,
     )
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    llm = LLM(_model_or_fail(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
+    llm = LLM(_model_or_default(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
     prompt: object = prompt_text
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -195,7 +283,7 @@ def _info(args) -> int:
     from dgemma.model.config import ModelConfig, kv_bytes_per_token, parameter_counts
     from dgemma.model.weights import resolve_checkpoint
 
-    directory = resolve_checkpoint(_model_or_fail(args.model))
+    directory = resolve_checkpoint(_model_or_default(args.model))
     config = ModelConfig.from_file(directory / "config.json")
     counts = parameter_counts(config)
     memory = {

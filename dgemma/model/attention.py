@@ -47,7 +47,10 @@ class Attention(nn.Module):
 
     def linear(self, name: str, x: torch.Tensor, *, denoise: bool) -> torch.Tensor:
         biases = self.decoder_bias if denoise else self.encoder_bias
-        return F.linear(x, getattr(self, name).weight, None if biases is None else biases[name])
+        module, bias = getattr(self, name), None if biases is None else biases[name]
+        if module._forward_hooks:  # LoRA adapters (dgemma.train.lora) hook the projection
+            return module(x) if bias is None else module(x) + bias
+        return F.linear(x, module.weight, bias)
 
     def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, denoise: bool):
         """q [B, T, H, E], k and v [B, T, K, E], normed; q and k rotated (V never is)."""

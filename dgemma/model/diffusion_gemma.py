@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dgemma.cache.kv_cache import KVCache
 from dgemma.errors import CapacityError, RequestError
@@ -48,6 +49,9 @@ class Layer(nn.Module):
             setattr(self, name, RMSNorm(d, eps))
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
         self.decoder_layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+        # training with gradient checkpointing: the feed-forward blocks (dense MLP, router, experts), which
+        # hold most of the activations, are recomputed in backward instead of kept
+        self.checkpoint_feed_forward = False
 
     def feed_forward(self, r_BTD: torch.Tensor, *, invariant: bool = True) -> torch.Tensor:
         h1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r_BTD)))
@@ -67,7 +71,11 @@ class Layer(nn.Module):
         h = attn(self.input_layernorm(x), cos, sin, cache, layer, rows, starts, invariant=invariant)
         r = x + self.post_attention_layernorm(h)
         scalar = self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
-        return self.feed_forward(r, invariant=invariant) * scalar
+        if self.checkpoint_feed_forward and torch.is_grad_enabled():
+            out = checkpoint(self.feed_forward, r, invariant=invariant, use_reentrant=False)
+        else:
+            out = self.feed_forward(r, invariant=invariant)
+        return out * scalar
 
 
 class SelfConditioning(nn.Module):
@@ -101,6 +109,15 @@ class DiffusionGemma(nn.Module):
         # Inference keeps every row's arithmetic independent of the rest of the batch (a seeded answer
         # must not depend on its neighbours); training turns this off for batched, padded kernels.
         self.batch_invariant = True
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.layers[0].checkpoint_feed_forward
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.checkpoint_feed_forward = bool(on)
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod

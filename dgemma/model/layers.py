@@ -109,6 +109,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = activation(act)
+        # LoRA on the experts (dgemma.train.lora) sets this: () -> (gate_up delta, down delta) or None
+        self.weight_delta = None
 
     def forward(
         self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor, *, num_rows: int = 1
@@ -119,11 +121,16 @@ class Experts(nn.Module):
         in the batch. BLAS takes other code paths for tiny matrices, so grouping tokens of several rows
         into one matmul would make a seeded request's numbers depend on its neighbours."""
         out_ND = torch.zeros_like(x_ND)
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        delta = self.weight_delta() if self.weight_delta is not None else None
+        if delta is not None:
+            gate_up_proj = gate_up_proj + delta[0].to(gate_up_proj.dtype)
+            down_proj = down_proj + delta[1].to(down_proj.dtype)
         num_tokens, top_k = index_NK.shape
         row_of_token = torch.arange(num_tokens, device=x_ND.device) // (num_tokens // num_rows)
         group = (index_NK * num_rows + row_of_token[:, None]).reshape(-1)
         order = torch.argsort(group, stable=True)
-        counts = torch.bincount(group, minlength=self.gate_up_proj.shape[0] * num_rows).tolist()
+        counts = torch.bincount(group, minlength=gate_up_proj.shape[0] * num_rows).tolist()
         token_of = order // top_k
         flat_weights = weights_NK.reshape(-1)
         start = 0
@@ -134,8 +141,8 @@ class Experts(nn.Module):
             sel = order[start : start + count]
             tokens = token_of[start : start + count]
             start += count
-            gate, up = F.linear(x_ND[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            gate, up = F.linear(x_ND[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, down_proj[expert])
             # weights are fp32 (router softmax); multiply there, then cast, as the reference does
             out_ND.index_add_(0, tokens, (y * flat_weights[sel, None]).to(out_ND.dtype))
         return out_ND

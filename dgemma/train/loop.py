@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from dgemma.errors import ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.train.lora import LoraAdapters
 from dgemma.train.objective import Example, ObjectiveConfig, compute_loss, make_batch
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,13 @@ class TrainConfig:
     seed: int = 0
     freeze_router: bool = True  # the SFT recipe keeps the router frozen; training from scratch must not
     pad_to: int | None = None  # pad every batch to this length (fixed shapes; None: the batch's longest)
+    canvases_per_example: int = 1  # target canvases drawn per example, sharing its encoder pass
+    gradient_checkpointing: bool = False  # recompute the feed-forward blocks in backward (less memory)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batches"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batches",
+                     "canvases_per_example"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -86,14 +90,21 @@ class Trainer:
         *,
         pad_id: int,
         on_log: Callable[[dict], None] | None = None,
+        adapters: LoraAdapters | None = None,
     ):
+        """`adapters`: train these LoRA adapters only (the model's own weights stay frozen)."""
         if not train_examples:
             raise ConfigError("no training examples")
         self.model, self.config, self.out_dir = model, config, Path(out_dir)
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.pad_id = pad_id
         self.on_log = on_log
-        params = trainable_parameters(model, freeze_router=config.freeze_router)
+        self.adapters = adapters
+        if adapters is None:
+            params = trainable_parameters(model, freeze_router=config.freeze_router)
+        else:
+            model.requires_grad_(False)
+            params = list(adapters.parameters())
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -116,7 +127,7 @@ class Trainer:
     def save(self) -> None:
         """Weights, optimizer, RNG and step, written under temporary names and renamed into place."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in self._trained().state_dict().items()}
         _atomic(self.state_dir / "model.safetensors", lambda p: save_file(weights, p))
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -132,7 +143,10 @@ class Trainer:
         if not (self.state_dir / "trainer.json").exists():
             raise ConfigError(f"{self.state_dir}: no checkpoint to resume from")
         weights = load_file(self.state_dir / "model.safetensors", device=str(self.model.device))
-        self.model.load_state_dict(weights)
+        try:
+            self._trained().load_state_dict(weights)
+        except RuntimeError as exc:  # full weights vs adapters, or another model
+            raise ConfigError(f"{self.state_dir}: the checkpoint does not match this run ({exc})") from None
         # our own file: tensors and plain containers only (weights_only refuses anything that runs code)
         state = torch.load(self.state_dir / "optimizer.pt", map_location=self.model.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -140,10 +154,19 @@ class Trainer:
         self.step = int(state["step"])
         self.history = json.loads((self.state_dir / "trainer.json").read_text())["history"]
 
+    def _trained(self) -> torch.nn.Module:
+        """What this run changes: the adapters, or the whole model."""
+        return self.model if self.adapters is None else self.adapters
+
     # -- the loop ----------------------------------------------------------------------------------
     def _loss(self, examples: list[Example], generator: torch.Generator):
         batch = make_batch(
-            examples, self.model.config.canvas_length, self.pad_id, generator, pad_to=self.config.pad_to
+            examples,
+            self.model.config.canvas_length,
+            self.pad_id,
+            generator,
+            pad_to=self.config.pad_to,
+            canvases_per_example=self.config.canvases_per_example,
         )
         if self.model.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -157,12 +180,15 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed + 1)
         totals = {"eval_diffusion": 0.0, "eval_encoder": 0.0}
         size = min(self.config.batch_size, len(self.eval_examples))
+        was_training = self.model.training
+        self.model.eval()  # no adapter dropout
         with torch.no_grad():
             for i in range(self.config.eval_batches):
                 chunk = [self.eval_examples[(i * size + j) % len(self.eval_examples)] for j in range(size)]
                 parts = self._loss(chunk, generator)
                 totals["eval_diffusion"] += float(parts.diffusion) / self.config.eval_batches
                 totals["eval_encoder"] += float(parts.encoder) / self.config.eval_batches
+        self.model.train(was_training)
         return totals
 
     def run(
@@ -172,6 +198,8 @@ class Trainer:
         if resume:
             self.load()
         self.model.batch_invariant = False
+        self.model.gradient_checkpointing = self.config.gradient_checkpointing
+        self.model.train()
         bar = _Bar(self.config.max_steps, self.step) if progress else None
         c = self.config
         try:
@@ -215,6 +243,8 @@ class Trainer:
                     break
         finally:
             self.model.batch_invariant = True
+            self.model.gradient_checkpointing = False
+            self.model.eval()
             if bar is not None:
                 bar.close()
         return self.history
