@@ -12,6 +12,7 @@ import torch
 from dgemma.engine.generate import Request, run
 from dgemma.errors import RequestError
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.presets import DEFAULT_MODEL_DIR
 from dgemma.model.weights import resolve_checkpoint
 from dgemma.outputs import GenerationOutput, StreamEvent
 from dgemma.params import DiffusionDefaults, SamplingParams
@@ -25,20 +26,20 @@ Prompt = str | Sequence[dict] | Sequence[int]
 class LLM:
     """DiffusionGemma ready to generate.
 
-    >>> llm = LLM("path/to/checkpoint")                        # or a Hub repo id
+    >>> llm = LLM()                     # the embedded default model; or LLM("path/or/hub-id")
     >>> out = llm.generate("def fibonacci(n):", SamplingParams(max_new_tokens=128, seed=0))[0]
     >>> out.text, out.finish_reason, out.stats.tokens_per_forward
     """
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = False,
     ):
-        directory = resolve_checkpoint(model)
+        directory = resolve_checkpoint(DEFAULT_MODEL_DIR if model is None else model)
         self.path = directory
         self.model = DiffusionGemma.from_pretrained(directory, device=device, dtype=dtype, progress=progress)
         self.tokenizer = Tokenizer.from_checkpoint(directory)

@@ -84,10 +84,18 @@ def test_errors_are_one_line_without_traceback(tiny_dir, tmp_path):
         assert proc.stderr.startswith("dgemma: error: ") and "Traceback" not in proc.stderr
 
 
-def test_missing_model_says_what_to_do(monkeypatch, capsys):
+def test_no_model_means_the_embedded_default(monkeypatch, capsys):
     monkeypatch.delenv("DGEMMA_MODEL", raising=False)
+    assert main(["generate", "def add(a, b):", "--max-new-tokens", "16", "--seed", "0", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["completion_tokens"] == 16 or record["finish_reason"] == "stop"
+    assert record["tokens_per_forward"] > 1
+
+
+def test_dgemma_model_variable_overrides_the_default(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DGEMMA_MODEL", str(tmp_path / "nowhere"))
     assert main(["generate", "x"]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "nowhere" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("as_json", [False, True])

@@ -8,6 +8,7 @@ config.json).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 _RELEASE = {
     "architectures": ["DiffusionGemmaForBlockDiffusion"],
@@ -49,6 +50,10 @@ _RELEASE = {
         },
     },
 }
+
+# The embedded default model: a 13.7M-parameter Python code-completion DiffusionGemma trained with
+# scripts/train_default_model.py (MODEL_CARD.md beside its weights says how, on what, and how well).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
 RELEASE_GENERATION_CONFIG = {
     "max_denoising_steps": 48,
