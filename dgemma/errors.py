@@ -27,5 +27,9 @@ class CapacityError(RequestError):
     """A request can never fit (prompt plus output longer than the context or the cache)."""
 
 
+class QueueFullError(DgemmaError):
+    """The engine's waiting queue is full: try again later (maps to HTTP 503 with Retry-After)."""
+
+
 class EngineDeadError(DgemmaError):
     """The engine stopped and cannot serve requests any more (maps to HTTP 503)."""

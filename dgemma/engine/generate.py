@@ -1,17 +1,23 @@
-"""The generation loop over a batch of requests (reference semantics, multi-canvas).
+"""The generation engine (reference semantics, multi-canvas, continuous batching).
 
-Each request owns a cache row, a random generator and its denoise state. Every engine step runs one
-batched `denoise` over all canvases still denoising (whatever their step), then each canvas takes its
-sampler step with its own generator, so a seeded answer does not depend on what else is in the batch.
-A canvas that stops is committed: cut at the first EOS, trimmed to `max_new_tokens`, emitted, and (if
-the answer goes on) encoded into the cache together with the other canvases that stopped that step.
-A finished request leaves the batch at once and costs nothing more.
+`Engine` owns a KV cache of `slots` rows. Requests wait in a bounded queue until a row is free; each
+`step()` admits waiting requests (encodes their prompts into their rows), runs one batched `denoise`
+over every canvas still denoising (whatever its step), lets each canvas take its sampler step with its
+own generator, and commits the canvases that stopped: cut at the first EOS, trimmed to
+`max_new_tokens`, emitted, and (if the answer goes on) encoded into the cache together with the other
+canvases that stopped that step. A finished or cancelled request frees its row at once, and a request
+admitted later joins the running batch at the next step.
+
+A seeded answer does not depend on what else is batched, nor on when it was admitted: its generator is
+its own, and the model computes each row independently of the others (batch invariance).
+`run()` is the engine driven to completion over a fixed list of requests.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +31,7 @@ from dgemma.denoise.sampler import (
     sample_step,
     temperature,
 )
-from dgemma.errors import CapacityError, RequestError
+from dgemma.errors import CapacityError, QueueFullError, RequestError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.outputs import Draft, GenerationOutput, GenerationStats, StreamEvent, TextDelta
 from dgemma.params import DEFAULT_MAX_NEW_TOKENS, ResolvedParams
@@ -98,77 +104,157 @@ def run(
     decode: Callable[[Sequence[int]], str] | None = None,
 ) -> Iterator[StreamEvent]:
     """Generate for all requests; yield TextDelta / Draft events and one GenerationOutput per request."""
+    if not requests:
+        return
+    # every request is checked before any work; the cache is sized for the longest
+    need = max(cache_positions(model, r, decode) for r in requests)
+    engine = Engine(model, slots=len(requests), max_length=need, decode=decode, max_waiting=len(requests))
+    for request in requests:
+        engine.submit(request)
+    while engine.busy:
+        yield from engine.step()
+
+
+def cache_positions(model: DiffusionGemma, request: Request, decode=None) -> int:
+    """Cache positions the request needs (the last canvas is never encoded); raises if it cannot run."""
+    if request.params.stop and decode is None:
+        raise RequestError("stop strings need a tokenizer, and this checkpoint ships none")
     config = model.config
+    check_prompt(request.prompt_ids, config)
     c = config.canvas_length
-    rows: list[_Row] = []
-    for slot, request in enumerate(requests):
-        if request.params.stop and decode is None:
-            raise RequestError("stop strings need a tokenizer, and this checkpoint ships none")
-        check_prompt(request.prompt_ids, config)
-        max_new = plan_lengths(
-            len(request.prompt_ids), request.params.max_new_tokens, c, config.max_position_embeddings
-        )
-        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-        rows.append(
+    max_new = plan_lengths(
+        len(request.prompt_ids), request.params.max_new_tokens, c, config.max_position_embeddings
+    )
+    return len(request.prompt_ids) + (-(-max_new // c) - 1) * c
+
+
+class Engine:
+    """Continuous batching over a KV cache of `slots` rows of `max_length` positions each.
+
+    Not thread-safe: one thread calls `submit`, `cancel` and `step` (a server wraps it in its loop)."""
+
+    def __init__(
+        self,
+        model: DiffusionGemma,
+        *,
+        slots: int,
+        max_length: int,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        max_waiting: int = 256,
+    ):
+        if slots < 1 or max_waiting < 0:
+            raise CapacityError(
+                f"the engine needs slots >= 1 and max_waiting >= 0, got {slots}, {max_waiting}"
+            )
+        self.model = model
+        self.decode = decode
+        self.max_waiting = max_waiting
+        self.cache = model.new_cache(batch_size=slots, max_length=max_length)
+        self.free: list[int] = list(range(slots))
+        self.waiting: deque[_Row] = deque()
+        self.active: list[_Row] = []
+        self._cancelled: set[int] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (its `index` names it in the events); raises if it can never run or the
+        queue is full. Nothing is computed until `step`."""
+        need = cache_positions(self.model, request, self.decode)
+        if need > self.cache.max_length:
+            raise CapacityError(
+                f"the request needs {need} cache positions (prompt {len(request.prompt_ids)} tokens plus "
+                f"its canvases); the engine's rows hold {self.cache.max_length}"
+            )
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting; try again later")
+        c, context = self.model.config.canvas_length, self.model.config.max_position_embeddings
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.waiting.append(
             _Row(
                 request=request,
-                row=slot,
-                max_new_tokens=max_new,
-                generator=torch.Generator(model.device).manual_seed(seed),
+                row=-1,
+                max_new_tokens=plan_lengths(len(request.prompt_ids), params.max_new_tokens, c, context),
+                generator=torch.Generator(self.model.device).manual_seed(seed),
                 sampler=make_sampler(
-                    request.params.sampler,
-                    entropy_bound=request.params.entropy_bound,
-                    confidence=request.params.confidence,
+                    params.sampler, entropy_bound=params.entropy_bound, confidence=params.confidence
                 ),
-                text=TextStream(decode or (lambda ids: ""), request.params.stop),
+                text=TextStream(self.decode or (lambda ids: ""), params.stop),
                 started=time.perf_counter(),
             )
         )
-    if not rows:
-        return
-    # the last canvas is never encoded, so a row needs prompt + (canvases - 1) * C positions
-    need = max(len(r.request.prompt_ids) + (-(-r.max_new_tokens // c) - 1) * c for r in rows)
-    cache = model.new_cache(batch_size=len(rows), max_length=need)
 
-    with torch.inference_mode():
-        for r in rows:  # prompts differ in length: encode each on its own
-            ids = torch.tensor([r.request.prompt_ids], device=model.device)
-            model.encode(ids, cache, rows=[r.row])
-            _new_canvas(r, c, config.vocab_size)
+    def cancel(self, index: int) -> None:
+        """Drop a request: a waiting one at once, a running one (and its cache row) at the next step."""
+        kept = [r for r in self.waiting if r.request.index != index]
+        if len(kept) != len(self.waiting):
+            self.waiting = deque(kept)
+        elif any(r.request.index == index for r in self.active):
+            self._cancelled.add(index)
 
-        active = list(rows)
-        while active:
-            logits = _denoise_batch(model, active, cache)
-            committed: list[_Row] = []
-            for i, r in enumerate(active):
-                params = r.request.params
-                temp = temperature(r.cur_step, params.max_denoising_steps, params.t_min, params.t_max)
-                outcome = sample_step(
-                    logits[i], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator
+    def step(self) -> list[StreamEvent]:
+        """One engine step: admit, denoise every active canvas once, commit what stopped."""
+        with torch.inference_mode():
+            self._drop_cancelled()
+            self._admit()
+            return list(self._denoise_step()) if self.active else []
+
+    def _drop_cancelled(self) -> None:
+        if self._cancelled:
+            gone = [r for r in self.active if r.request.index in self._cancelled]
+            self._release(gone)
+            self._cancelled.clear()
+
+    def _release(self, rows: list[_Row]) -> None:
+        if rows:
+            self.active = [r for r in self.active if all(r is not g for g in rows)]
+            self.cache.reset([r.row for r in rows])
+            self.free.extend(r.row for r in rows)
+
+    def _admit(self) -> None:
+        c, vocab = self.model.config.canvas_length, self.model.config.vocab_size
+        while self.free and self.waiting:
+            r = self.waiting.popleft()
+            r.row = self.free.pop(0)
+            ids = torch.tensor([r.request.prompt_ids], device=self.model.device)
+            self.model.encode(ids, self.cache, rows=[r.row])  # prompts differ in length: one at a time
+            _new_canvas(r, c, vocab)
+            self.active.append(r)
+
+    def _denoise_step(self) -> Iterator[StreamEvent]:
+        model, decode, active = self.model, self.decode, self.active
+        logits = _denoise_batch(model, active, self.cache)
+        committed: list[_Row] = []
+        for i, r in enumerate(active):
+            params = r.request.params
+            temp = temperature(r.cur_step, params.max_denoising_steps, params.t_min, params.t_max)
+            outcome = sample_step(logits[i], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator)
+            stop = r.stopper(outcome.argmax, outcome.mean_entropy)
+            r.canvas, r.self_conditioning = outcome.next_canvas, outcome.tempered.to(model.dtype)
+            r.cur_step -= 1
+            r.steps_per_canvas[-1] += 1
+            if r.request.drafts:
+                ids = tuple(outcome.argmax[0].tolist())
+                yield Draft(
+                    index=r.request.index,
+                    canvas=len(r.steps_per_canvas) - 1,
+                    step=r.steps_per_canvas[-1],
+                    text=decode(ids) if decode is not None else "",
+                    token_ids=ids,
                 )
-                stop = r.stopper(outcome.argmax, outcome.mean_entropy)
-                r.canvas, r.self_conditioning = outcome.next_canvas, outcome.tempered.to(model.dtype)
-                r.cur_step -= 1
-                r.steps_per_canvas[-1] += 1
-                if r.request.drafts:
-                    ids = tuple(outcome.argmax[0].tolist())
-                    yield Draft(
-                        index=r.request.index,
-                        canvas=len(r.steps_per_canvas) - 1,
-                        step=r.steps_per_canvas[-1],
-                        text=decode(ids) if decode is not None else "",
-                        token_ids=ids,
-                    )
-                if stop or r.cur_step == 0:
-                    r.canvas = outcome.argmax  # the committed canvas is the argmax one
-                    committed.append(r)
-            yield from _commit(committed)
-            going_on = [r for r in committed if r.finish_reason is None]
-            if going_on:
-                model.encode(torch.cat([r.canvas for r in going_on]), cache, rows=[r.row for r in going_on])
-                for r in going_on:
-                    _new_canvas(r, c, config.vocab_size)
-            active = [r for r in active if r.finish_reason is None]
+            if stop or r.cur_step == 0:
+                r.canvas = outcome.argmax  # the committed canvas is the argmax one
+                committed.append(r)
+        yield from _commit(committed)
+        going_on = [r for r in committed if r.finish_reason is None]
+        if going_on:
+            model.encode(torch.cat([r.canvas for r in going_on]), self.cache, rows=[r.row for r in going_on])
+            for r in going_on:
+                _new_canvas(r, model.config.canvas_length, model.config.vocab_size)
+        self._release([r for r in active if r.finish_reason is not None])
 
 
 def _new_canvas(r: _Row, canvas_length: int, vocab_size: int) -> None:
