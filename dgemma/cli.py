@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--lr", type=float, default=None, help="peak rate (default 2e-4 LoRA, 2e-5 full)")
     ft.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, as a share of --lr")
-    ft.add_argument("--warmup-steps", type=int, default=20)
+    ft.add_argument("--warmup-steps", type=int, default=20, help="linear warmup (at most 10%% of the steps)")
     ft.add_argument("--batch-size", type=int, default=8)
     ft.add_argument("--grad-accum", type=int, default=1)
     length = ft.add_mutually_exclusive_group()

@@ -48,7 +48,6 @@ COMPANION_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
     "generation_config.json",
-    "MODEL_CARD.md",
 )
 
 
