@@ -110,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if present)")
     ft.add_argument("-v", "--verbose", action="store_true")
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    srv.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: dir name)"
+    )
+    srv.add_argument("--max-running", type=int, default=32, help="requests denoised together (cache rows)")
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503s")
+    srv.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds before a request is cancelled"
+    )
+    srv.add_argument(
+        "--max-context", type=int, default=None, help="cache positions per row (default: context)"
+    )
+
     info = sub.add_parser("info", help="config summary, parameter counts and memory needed per dtype")
     info.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hub repo id")
     info.add_argument("--json", action="store_true")
@@ -126,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "finetune":
             return _finetune(args)
+        if args.command == "serve":
+            return _serve(args)
         return _info(args)
     except DgemmaError as exc:
         print(f"dgemma: error: {exc}", file=sys.stderr)
@@ -137,6 +156,43 @@ def main(argv: list[str] | None = None) -> int:
 
 def _model_or_default(value: str | None) -> str:
     return value or _default_model()
+
+
+def _serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from dgemma.api import LLM
+    from dgemma.engine.generate import Engine
+    from dgemma.errors import ConfigError
+    from dgemma.serve.app import build_app
+    from dgemma.serve.worker import EngineWorker
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    llm = LLM(_model_or_default(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
+    context = llm.model.config.max_position_embeddings
+    max_context = args.max_context or context
+    if not 0 < max_context <= context or args.max_running < 1 or args.max_waiting < 0:
+        raise ConfigError(f"need 0 < --max-context <= {context}, --max-running >= 1 and --max-waiting >= 0")
+    engine = Engine(
+        llm.model,
+        slots=args.max_running,
+        max_length=max_context,
+        decode=llm._decode,
+        max_waiting=args.max_waiting,
+    )
+    worker = EngineWorker(engine)
+    worker.start()
+    name = args.served_model_name or Path(str(llm.path)).name
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    app = build_app(llm, worker, model_id=name, api_key=args.api_key, request_timeout=args.request_timeout)
+    print(f"dgemma: serving '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        worker.stop()
+    return 0
 
 
 def _finetune(args) -> int:

@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).parent.parent / "dgemma"
 # each unit may import only from its own level and below (model/config.py is a plain record: level 0)
 LEVEL = {
     "errors": 0, "params": 0, "outputs": 0, "logs": 0, "model.config": 0,
-    "cache": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "train": 5, "cli": 6,
+    "cache": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "train": 5, "serve": 6,
+    "cli": 7,
 }  # fmt: skip
 
 
@@ -44,6 +45,12 @@ def test_lower_layers_do_not_import_higher_ones():
         for module in imports_of(path):
             if module.startswith("dgemma."):
                 assert LEVEL[unit(module)] <= LEVEL[own], f"{rel} imports {module}"
+
+
+def test_only_the_server_imports_the_web_stack():
+    for path in PACKAGE.rglob("*.py"):
+        web = {m for m in imports_of(path) if m.split(".")[0] in ("starlette", "uvicorn")}
+        assert not web or path.parent.name == "serve" or path.name == "cli.py", path
 
 
 def test_training_never_imports_the_engine():

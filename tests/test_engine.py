@@ -82,10 +82,11 @@ def test_cancel_frees_the_row_within_a_step(llm):
 
 def test_overload_and_oversized_requests_are_refused_with_the_numbers(llm):
     engine = Engine(llm.model, slots=1, max_length=64, decode=llm._decode, max_waiting=1)
-    small, other = requests(llm, PROMPTS[:2], max_new_tokens=16)
-    engine.submit(small)
+    first, second, third = requests(llm, PROMPTS[:3], max_new_tokens=16)
+    engine.submit(first)  # takes the free row at the next step
+    engine.submit(second)  # waits
     with pytest.raises(QueueFullError, match="1 requests are already waiting"):
-        engine.submit(other)
+        engine.submit(third)
     long_request = requests(llm, ["word " * 40], max_new_tokens=80)[0]
     with pytest.raises(CapacityError, match="cache positions"):
         Engine(llm.model, slots=1, max_length=64, decode=llm._decode).submit(long_request)

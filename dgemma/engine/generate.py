@@ -168,8 +168,12 @@ class Engine:
                 f"the request needs {need} cache positions (prompt {len(request.prompt_ids)} tokens plus "
                 f"its canvases); the engine's rows hold {self.cache.max_length}"
             )
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting; try again later")
+        # requests that will take a free row at the next step are not waiting for one
+        if len(self.waiting) - len(self.free) >= self.max_waiting:
+            raise QueueFullError(
+                f"{len(self.waiting) - len(self.free)} requests are already waiting for a free row "
+                f"(at most {self.max_waiting}); try again later"
+            )
         c, context = self.model.config.canvas_length, self.model.config.max_position_embeddings
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
