@@ -66,3 +66,9 @@ def test_import_does_no_work():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_subpackage_is_a_real_package():
+    """A folder of modules without __init__.py is left out of a wheel (setuptools finds packages only)."""
+    for folder in {p.parent for p in PACKAGE.rglob("*.py")}:
+        assert (folder / "__init__.py").exists(), folder

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `app` (HTTP) over `worker` (the engine thread)."""
