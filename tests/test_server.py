@@ -15,6 +15,9 @@ import time
 import httpx
 import openai
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
 
 MODEL = "default_model"  # the served id: the embedded model's directory name
 PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
@@ -190,3 +193,25 @@ def test_api_key_and_a_full_queue():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_schemathesis_finds_no_server_error(server):
+    """A bounded property-based run over the server's own OpenAPI document: no request it allows may
+    get a 5xx. Generations are kept short for CPU time."""
+    schema = schemathesis.openapi.from_url(server + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 4
+    statuses = []
+    for operation in operations:
+
+        @given(operation.as_strategy())
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+        def run(case):
+            if isinstance(case.body, dict):
+                case.body["max_tokens"] = 4
+                case.body["stream"] = False
+            response = case.call_and_validate(base_url=server, checks=[not_a_server_error], timeout=60)
+            statuses.append(response.status_code)
+
+        run()
+    assert len(statuses) >= 30 and 200 in statuses  # it ran, and some generated requests were valid

@@ -27,6 +27,7 @@ from dgemma.api import LLM
 from dgemma.errors import CapacityError, DgemmaError, EngineDeadError, QueueFullError, RequestError
 from dgemma.outputs import Draft, GenerationOutput, TextDelta
 from dgemma.params import SamplingParams
+from dgemma.serve.openapi import openapi_schema
 from dgemma.serve.worker import LATENCY_BUCKETS, EngineWorker
 
 # extension body fields -> SamplingParams fields (validated there)
@@ -351,6 +352,9 @@ def build_app(
             }
         )
 
+    async def openapi(request: HttpRequest) -> Response:
+        return JSONResponse(openapi_schema(model_id))
+
     async def health(request: HttpRequest) -> Response:
         if worker.dead is not None:
             return JSONResponse({"status": "dead", "reason": worker.dead}, status_code=503)
@@ -381,6 +385,7 @@ def build_app(
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method, Exception: crash})
