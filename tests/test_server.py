@@ -120,6 +120,25 @@ def test_a_dropped_stream_is_cancelled_and_the_server_stays_healthy(server):
     assert httpx.get(server + "/health").json() == {"status": "ok"}
 
 
+def cancelled(server) -> int:
+    for line in httpx.get(server + "/metrics").text.splitlines():
+        if line.startswith('dgemma_requests_finished_total{reason="cancelled"}'):
+            return int(line.split()[-1])
+    return 0
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True}  # ~10 s of work
+    before = cancelled(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json=body, timeout=1.5)
+    deadline = time.time() + 3
+    while time.time() < deadline and cancelled(server) == before:
+        time.sleep(0.1)
+    assert cancelled(server) == before + 1
+    assert "dgemma_running_requests 0" in httpx.get(server + "/metrics").text
+
+
 def test_drafts_are_an_opt_in_extension(server):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "stream": True, "drafts": True, "seed": 0}
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as response:
@@ -187,6 +206,10 @@ def test_api_key_and_a_full_queue():
             # the long stream passes its 3 s timeout: an error event ends it and its row is freed
             events = [line for line in lines if line.startswith("data: ")]
         assert json.loads(events[-1][6:])["error"]["type"] == "timeout"
+        deadline = time.time() + 5
+        while "dgemma_running_requests 0" not in httpx.get(url + "/metrics", headers=auth).text:
+            assert time.time() < deadline, "the timed-out stream kept its row"
+            time.sleep(0.1)
         plain = httpx.post(url + "/v1/completions", json={**body, "stream": False}, headers=auth, timeout=30)
         assert plain.status_code == 504 and "3 s" in plain.json()["error"]["message"]
         assert httpx.get(url + "/health").status_code == 200

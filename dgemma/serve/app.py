@@ -97,7 +97,7 @@ def build_app(
         try:
             return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            return TimedOut(f"the request did not finish within {request_timeout:g} s and was cancelled")
+            return TimedOut(f"the request did not finish within {request_timeout or 0:g} s and was cancelled")
 
     def check_auth(request: HttpRequest) -> None:
         if api_key is None:
@@ -246,9 +246,11 @@ def build_app(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            output = await final(events, deadline)
+            output = await final(events, deadline, request)
         finally:
             worker.cancel(index)  # a no-op once finished; frees the row if the client went away
+        if output is None:  # nobody to answer; the row is already being freed
+            return Response(status_code=499)
         if isinstance(output, EngineDeadError):
             return error_response(HttpError(503, str(output), kind="server_error"))
         if isinstance(output, TimedOut):
@@ -273,10 +275,22 @@ def build_app(
             }
         )
 
-    async def final(events, deadline) -> GenerationOutput | EngineDeadError | TimedOut:
+    async def final(
+        events, deadline, http: HttpRequest
+    ) -> GenerationOutput | EngineDeadError | TimedOut | None:
+        """The request's last event; None when the client hung up first (checked twice a second)."""
         while True:
-            event = await next_event(events, deadline)
-            if isinstance(event, (GenerationOutput, EngineDeadError, TimedOut)):
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            event = await next_event(events, time.monotonic() + max(0.0, wait))
+            if isinstance(event, TimedOut):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return TimedOut(
+                        f"the request did not finish within {request_timeout:g} s and was cancelled"
+                    )
+                if await http.is_disconnected():
+                    return None
+                continue
+            if isinstance(event, (GenerationOutput, EngineDeadError)):
                 return event
 
     async def sse(events, index: int, rid: str, chat: bool, deadline) -> AsyncIterator[str]:
