@@ -25,7 +25,7 @@ from torch import nn
 
 from dgemma.errors import CheckpointError, ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
-from dgemma.model.weights import hf_names
+from dgemma.model.weights import atomic_write, hf_names
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -86,13 +86,12 @@ class LoraAdapters(nn.Module):
         self.config = config
         self.merged = False
         self.pairs = nn.ModuleDict()
-        self._targets: dict[str, nn.Module] = {}
+        self._targets: dict[str, nn.Module] = {}  # module path -> module (a Linear, or Experts)
         self._handles = []
-        self._model = [model]  # a list: not a registered submodule
         for name, module in model.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) and leaf in config.target_modules and ".router." not in name:
-                pair = _Pair(
+                self.pairs[_key(name)] = _Pair(
                     module.out_features, module.in_features, config.rank, None, module.weight, generator
                 )
             elif leaf == "experts" and "experts" in config.target_modules:
@@ -100,19 +99,15 @@ class LoraAdapters(nn.Module):
                 self.pairs[_key(name + ".down_proj")] = _Pair(
                     d, two_i // 2, config.rank, e, module.down_proj, generator
                 )
-                pair = _Pair(two_i, d, config.rank, e, module.gate_up_proj, generator)
-                name = name + ".gate_up_proj"
+                self.pairs[_key(name + ".gate_up_proj")] = _Pair(
+                    two_i, d, config.rank, e, module.gate_up_proj, generator
+                )
             else:
                 continue
-            self.pairs[_key(name)] = pair
             self._targets[name] = module
         if not self.pairs:
             raise ConfigError(f"no module of the model matches lora targets {list(config.target_modules)}")
         self.attach()
-
-    @property
-    def model(self) -> DiffusionGemma:
-        return self._model[0]
 
     def attach(self) -> None:
         """Route the targets through their adapters (hooks on linears, a weight delta on experts)."""
@@ -120,8 +115,10 @@ class LoraAdapters(nn.Module):
             if isinstance(module, nn.Linear):
                 self._handles.append(module.register_forward_hook(self._hook(self.pairs[_key(name)])))
             else:
-                base = name.removesuffix(".gate_up_proj")
-                gate_up, down = self.pairs[_key(name)], self.pairs[_key(base + ".down_proj")]
+                gate_up, down = (
+                    self.pairs[_key(name + ".gate_up_proj")],
+                    self.pairs[_key(name + ".down_proj")],
+                )
                 module.weight_delta = lambda g=gate_up, d=down: (
                     None if self.merged else (g.delta(self.config.scaling), d.delta(self.config.scaling))
                 )
@@ -164,27 +161,34 @@ class LoraAdapters(nn.Module):
             self.merged = False
 
     def _apply_delta(self, sign: int) -> None:
+        for param, pair in self._weights():
+            param.copy_((param.float() + sign * pair.delta(self.config.scaling)).to(param.dtype))
+
+    def _weights(self):
+        """(base weight, its adapter pair) for every adapted weight."""
         for name, module in self._targets.items():
             if isinstance(module, nn.Linear):
-                w = module.weight
-                w.copy_((w.float() + sign * self.pairs[_key(name)].delta(self.config.scaling)).to(w.dtype))
+                yield module.weight, self.pairs[_key(name)]
             else:
-                base = name.removesuffix(".gate_up_proj")
-                for param, key in ((module.gate_up_proj, name), (module.down_proj, base + ".down_proj")):
-                    delta = self.pairs[_key(key)].delta(self.config.scaling)
-                    param.copy_((param.float() + sign * delta).to(param.dtype))
+                yield module.gate_up_proj, self.pairs[_key(name + ".gate_up_proj")]
+                yield module.down_proj, self.pairs[_key(name + ".down_proj")]
+
+    def _peft_names(self) -> dict[str, nn.Parameter]:
+        """PEFT tensor name -> our adapter parameter (`base_model.model.<HF path>.lora_A.weight`)."""
+        names = {}
+        for key, pair in self.pairs.items():
+            prefix = "base_model.model." + _hf_module(_name(key))
+            names[prefix + ".lora_A.weight"] = pair.lora_A
+            names[prefix + ".lora_B.weight"] = pair.lora_B
+        return names
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """adapter_config.json + adapter_model.safetensors (PEFT layout)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for key, pair in self.pairs.items():
-            prefix = "base_model.model." + _hf_module(_name(key))
-            tensors[prefix + ".lora_A.weight"] = pair.lora_A.detach().cpu().contiguous()
-            tensors[prefix + ".lora_B.weight"] = pair.lora_B.detach().cpu().contiguous()
-        save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        tensors = {name: param.detach().cpu().contiguous() for name, param in self._peft_names().items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         peft = {
             "peft_type": "LORA",
             "task_type": None,
@@ -197,7 +201,9 @@ class LoraAdapters(nn.Module):
             "inference_mode": True,
             "dgemma_expert_adapters": "experts" in self.config.target_modules,
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n")
+        atomic_write(
+            directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2) + "\n")
+        )
         return directory
 
     @classmethod
@@ -219,11 +225,7 @@ class LoraAdapters(nn.Module):
             ) from None
         adapters = cls(model, config)
         tensors = load_file(directory / WEIGHTS_FILE)
-        expected = {}
-        for key, pair in adapters.pairs.items():
-            prefix = "base_model.model." + _hf_module(_name(key))
-            expected[prefix + ".lora_A.weight"] = pair.lora_A
-            expected[prefix + ".lora_B.weight"] = pair.lora_B
+        expected = adapters._peft_names()
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise CheckpointError(
