@@ -224,7 +224,7 @@ def save_checkpoint(
     )
     for shard, fname in zip(shards, names):
         cpu = {k: v.to("cpu").contiguous() for k, v in shard.items()}
-        _atomic(directory / fname, lambda tmp, cpu=cpu: save_file(cpu, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / fname, lambda tmp, cpu=cpu: save_file(cpu, tmp, metadata={"format": "pt"}))
     files = {"config.json": json.dumps(model.config.source, indent=2) + "\n", **(extra_files or {})}
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -233,11 +233,13 @@ def save_checkpoint(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
         )
     for fname, text in files.items():
-        _atomic(directory / fname, lambda tmp, text=text: Path(tmp).write_text(text))
+        atomic_write(directory / fname, lambda tmp, text=text: Path(tmp).write_text(text))
     return directory
 
 
-def _atomic(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
+    """Call write(tmp) on a temporary file beside `target`, then rename it into place (a crash never
+    leaves a half-written file under the real name; the file gets the usual umask permissions)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from dgemma.errors import ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.weights import atomic_write
 from dgemma.train.lora import LoraAdapters
 from dgemma.train.objective import Example, ObjectiveConfig, compute_loss, make_batch
 
@@ -128,15 +128,17 @@ class Trainer:
         """Weights, optimizer, RNG and step, written under temporary names and renamed into place."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in self._trained().state_dict().items()}
-        _atomic(self.state_dir / "model.safetensors", lambda p: save_file(weights, p))
+        atomic_write(self.state_dir / "model.safetensors", lambda p: save_file(weights, p))
         state = {
             "optimizer": self.optimizer.state_dict(),
             "rng": self.generator.get_state(),
             "step": self.step,
         }
-        _atomic(self.state_dir / "optimizer.pt", lambda p: torch.save(state, p))
+        atomic_write(self.state_dir / "optimizer.pt", lambda p: torch.save(state, p))
         meta = {"step": self.step, "config": asdict(self.config), "history": self.history}
-        _atomic(self.state_dir / "trainer.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        atomic_write(
+            self.state_dir / "trainer.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1))
+        )
 
     def load(self) -> None:
         """Continue from the last checkpoint in out_dir (weights, optimizer, RNG, step, history)."""
@@ -248,12 +250,6 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return self.history
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, target)
 
 
 class _Bar:
