@@ -107,7 +107,7 @@ def run(
     if not requests:
         return
     # every request is checked before any work; the cache is sized for the longest
-    need = max(cache_positions(model, r, decode) for r in requests)
+    need = max(plan_request(model, r, decode)[1] for r in requests)
     engine = Engine(model, slots=len(requests), max_length=need, decode=decode, max_waiting=len(requests))
     for request in requests:
         engine.submit(request)
@@ -115,8 +115,9 @@ def run(
         yield from engine.step()
 
 
-def cache_positions(model: DiffusionGemma, request: Request, decode=None) -> int:
-    """Cache positions the request needs (the last canvas is never encoded); raises if it cannot run."""
+def plan_request(model: DiffusionGemma, request: Request, decode=None) -> tuple[int, int]:
+    """(max_new_tokens it runs with, cache positions it needs: the last canvas is never encoded);
+    raises if it can never run."""
     if request.params.stop and decode is None:
         raise RequestError("stop strings need a tokenizer, and this checkpoint ships none")
     config = model.config
@@ -125,7 +126,7 @@ def cache_positions(model: DiffusionGemma, request: Request, decode=None) -> int
     max_new = plan_lengths(
         len(request.prompt_ids), request.params.max_new_tokens, c, config.max_position_embeddings
     )
-    return len(request.prompt_ids) + (-(-max_new // c) - 1) * c
+    return max_new, len(request.prompt_ids) + (-(-max_new // c) - 1) * c
 
 
 class Engine:
@@ -162,7 +163,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (its `index` names it in the events); raises if it can never run or the
         queue is full. Nothing is computed until `step`."""
-        need = cache_positions(self.model, request, self.decode)
+        max_new, need = plan_request(self.model, request, self.decode)
         if need > self.cache.max_length:
             raise CapacityError(
                 f"the request needs {need} cache positions (prompt {len(request.prompt_ids)} tokens plus "
@@ -174,14 +175,13 @@ class Engine:
                 f"{len(self.waiting) - len(self.free)} requests are already waiting for a free row "
                 f"(at most {self.max_waiting}); try again later"
             )
-        c, context = self.model.config.canvas_length, self.model.config.max_position_embeddings
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.waiting.append(
             _Row(
                 request=request,
                 row=-1,
-                max_new_tokens=plan_lengths(len(request.prompt_ids), params.max_new_tokens, c, context),
+                max_new_tokens=max_new,
                 generator=torch.Generator(self.model.device).manual_seed(seed),
                 sampler=make_sampler(
                     params.sampler, entropy_bound=params.entropy_bound, confidence=params.confidence
@@ -214,7 +214,8 @@ class Engine:
 
     def _release(self, rows: list[_Row]) -> None:
         if rows:
-            self.active = [r for r in self.active if all(r is not g for g in rows)]
+            gone = {id(r) for r in rows}
+            self.active = [r for r in self.active if id(r) not in gone]
             self.cache.reset([r.row for r in rows])
             self.free.extend(r.row for r in rows)
 
