@@ -168,6 +168,8 @@ def _serve(args) -> int:
     from dgemma.serve.app import build_app
     from dgemma.serve.worker import EngineWorker
 
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     llm = LLM(_model_or_default(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
     context = llm.model.config.max_position_embeddings
@@ -183,9 +185,7 @@ def _serve(args) -> int:
     )
     worker = EngineWorker(engine)
     worker.start()
-    name = args.served_model_name or Path(str(llm.path)).name
-    if args.request_timeout is not None and not args.request_timeout > 0:
-        raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    name = args.served_model_name or llm.path.name
     app = build_app(llm, worker, model_id=name, api_key=args.api_key, request_timeout=args.request_timeout)
     print(f"dgemma: serving '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:

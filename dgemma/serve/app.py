@@ -199,45 +199,42 @@ def build_app(
         }
 
     async def handle(request: HttpRequest, chat: bool) -> Response:
-        try:
-            check_auth(request)
-            body = await read_body(request)
-            if chat:
-                params, stream, drafts = sampling_params(
-                    body,
-                    {
-                        "model",
-                        "messages",
-                        "stream",
-                        "drafts",
-                        "seed",
-                        "stop",
-                        "max_tokens",
-                        "max_completion_tokens",
-                    },
+        check_auth(request)
+        body = await read_body(request)
+        if chat:
+            params, stream, drafts = sampling_params(
+                body,
+                {
+                    "model",
+                    "messages",
+                    "stream",
+                    "drafts",
+                    "seed",
+                    "stop",
+                    "max_tokens",
+                    "max_completion_tokens",
+                },
+            )
+            prompt = body.get("messages")
+            if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+                raise HttpError(
+                    400,
+                    "'messages' must be a non-empty list of {role, content} objects",
+                    param="messages",
                 )
-                prompt = body.get("messages")
-                if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
-                    raise HttpError(
-                        400,
-                        "'messages' must be a non-empty list of {role, content} objects",
-                        param="messages",
-                    )
-            else:
-                params, stream, drafts = sampling_params(
-                    body, {"model", "prompt", "stream", "drafts", "seed", "stop", "max_tokens"}
-                )
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                    prompt = prompt[0]
-                if not isinstance(prompt, str) or not prompt:
-                    raise HttpError(400, "'prompt' must be a non-empty string", param="prompt")
-            if drafts and not stream:
-                raise HttpError(400, "'drafts' needs 'stream': true", param="drafts")
-            deadline = None if request_timeout is None else time.monotonic() + request_timeout
-            index, events = await start(prompt, params, drafts)
-        except HttpError as exc:
-            return error_response(exc)
+        else:
+            params, stream, drafts = sampling_params(
+                body, {"model", "prompt", "stream", "drafts", "seed", "stop", "max_tokens"}
+            )
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise HttpError(400, "'prompt' must be a non-empty string", param="prompt")
+        if drafts and not stream:
+            raise HttpError(400, "'drafts' needs 'stream': true", param="drafts")
+        deadline = None if request_timeout is None else time.monotonic() + request_timeout
+        index, events = await start(prompt, params, drafts)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         if stream:
             return StreamingResponse(
@@ -355,10 +352,7 @@ def build_app(
         return await handle(request, chat=True)
 
     async def models(request: HttpRequest) -> Response:
-        try:
-            check_auth(request)
-        except HttpError as exc:
-            return error_response(exc)
+        check_auth(request)
         return JSONResponse(
             {
                 "object": "list",
@@ -375,16 +369,16 @@ def build_app(
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: HttpRequest) -> Response:
-        try:
-            check_auth(request)
-        except HttpError as exc:
-            return error_response(exc)
+        check_auth(request)
         return PlainTextResponse(render_metrics(worker), media_type="text/plain; version=0.0.4")
 
     async def not_found(request: HttpRequest, exc) -> Response:
         return error_response(
             HttpError(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
         )
+
+    async def refused(request: HttpRequest, exc: HttpError) -> Response:
+        return error_response(exc)
 
     async def bad_method(request: HttpRequest, exc) -> Response:
         return error_response(HttpError(405, f"{request.method} is not allowed on {request.url.path}"))
@@ -402,7 +396,10 @@ def build_app(
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method, Exception: crash})
+    return Starlette(
+        routes=routes,
+        exception_handlers={HttpError: refused, 404: not_found, 405: bad_method, Exception: crash},
+    )
 
 
 def render_metrics(worker: EngineWorker) -> str:

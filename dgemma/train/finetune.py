@@ -19,7 +19,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -112,11 +112,12 @@ def finetune(options: FinetuneOptions, *, progress: bool = False, on_log=None) -
     max_steps = base.max_steps
     if options.epochs is not None:
         max_steps = plan_steps(options.epochs, len(train), base.batch_size, base.grad_accum)
-    train_config = TrainConfig(
-        **{**asdict(base), "objective": base.objective, "max_steps": max_steps,
-           "freeze_router": base.freeze_router if options.lora is None else True,
-           "warmup_steps": min(base.warmup_steps, max(0, max_steps // 10))},
-    )  # fmt: skip
+    train_config = replace(
+        base,
+        max_steps=max_steps,
+        freeze_router=base.freeze_router if options.lora is None else True,
+        warmup_steps=min(base.warmup_steps, max(0, max_steps // 10)),
+    )
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     if options.resume:
