@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from dgemma.errors import DgemmaError
+from dgemma.errors import ConfigError, DgemmaError
 
 DTYPES = {
     "bfloat16": "bfloat16",
@@ -127,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context", type=int, default=None, help="cache positions per row (default: context)"
     )
 
+    bench = sub.add_parser(
+        "bench", help="GPU speed and memory of the denoise loop (random full-size weights by default)"
+    )
+    bench.add_argument("--model", default=None, help="a checkpoint to load instead of random weights")
+    bench.add_argument(
+        "--config",
+        default="release",
+        help="'release' (the 26B-A4B config, default) or a config.json path; weights are random",
+    )
+    bench.add_argument("--prompt-len", type=int, default=512)
+    bench.add_argument("--steps", default="13,16", help="fixed denoise steps per canvas (comma list)")
+    bench.add_argument("--canvases", default="1,2,4,8", help="canvases per step to time (comma list)")
+    bench.add_argument(
+        "--streams", default="", help="concurrent requests through the engine, e.g. 1,4,8,32 (default: none)"
+    )
+    bench.add_argument("--stream-canvases", type=int, default=2, help="canvases per streamed request")
+    bench.add_argument(
+        "--sections",
+        default="first_canvas,moe,correctness,single,canvases,memory,streams",
+        help="which sections to run (comma list)",
+    )
+    bench.add_argument("--reps", type=int, default=3, help="timed canvases per measurement")
+    bench.add_argument("--json", default=None, help="write the record here (updated after each section)")
+    bench.add_argument("--plot", default=None, help="PNG of step time against the roofline")
+    bench.add_argument("-v", "--verbose", action="store_true")
+
     info = sub.add_parser("info", help="config summary, parameter counts and memory needed per dtype")
     info.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hub repo id")
     info.add_argument("--json", action="store_true")
@@ -145,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return _finetune(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            return _bench(args)
         return _info(args)
     except DgemmaError as exc:
         print(f"dgemma: error: {exc}", file=sys.stderr)
@@ -164,7 +192,6 @@ def _serve(args) -> int:
 
     from dgemma.api import LLM
     from dgemma.engine.generate import Engine
-    from dgemma.errors import ConfigError
     from dgemma.serve.app import build_app
     from dgemma.serve.worker import EngineWorker
 
@@ -192,6 +219,63 @@ def _serve(args) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         worker.stop()
+    return 0
+
+
+def _int_list(value: str, flag: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        numbers = ()
+    if not all(n > 0 for n in numbers) or (value.strip() and not numbers):
+        raise ConfigError(f"{flag} takes positive integers separated by commas, got {value!r}")
+    return numbers
+
+
+def _bench(args) -> int:
+    from dgemma.bench import plot, run_bench, summary_rows
+    from dgemma.model.config import ModelConfig
+    from dgemma.model.presets import release_config_dict
+
+    if args.model is not None:
+        config = None
+    elif args.config == "release":
+        config = ModelConfig.from_dict(release_config_dict())
+    else:
+        config = ModelConfig.from_file(Path(args.config))
+    steps = _int_list(args.steps, "--steps")
+    if not steps or args.prompt_len < 1 or args.reps < 1:
+        raise ConfigError("need at least one --steps value, --prompt-len >= 1 and --reps >= 1")
+    out = Path(args.json) if args.json else None
+
+    def save(record):
+        if out is not None:
+            out.write_text(json.dumps(record, indent=1) + "\n")
+
+    record = run_bench(
+        config=config,
+        model_dir=args.model,
+        prompt_len=args.prompt_len,
+        steps=steps,
+        canvases=_int_list(args.canvases, "--canvases"),
+        streams=_int_list(args.streams, "--streams"),
+        stream_canvases=args.stream_canvases,
+        sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+        reps=args.reps,
+        on_section=save,
+    )
+    save(record)
+    if args.plot:
+        try:
+            plot(record, Path(args.plot))
+        except ImportError:
+            print(
+                "dgemma: --plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr
+            )
+    width = max((len(k) for k, _ in summary_rows(record)), default=0)
+    for key, value in summary_rows(record):
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps({k: record.get(k) for k in ("gpu", "denoise_step_ms", "canvas16_ms", "peak_memory_gb")}))
     return 0
 
 

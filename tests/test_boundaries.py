@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).parent.parent / "dgemma"
 # each unit may import only from its own level and below (model/config.py is a plain record: level 0)
 LEVEL = {
     "errors": 0, "params": 0, "outputs": 0, "logs": 0, "model.config": 0,
-    "cache": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "train": 5, "serve": 6,
-    "cli": 7,
+    "cache": 1, "ops": 1, "model": 2, "text": 2, "denoise": 3, "engine": 4, "api": 5, "bench": 5, "train": 5,
+    "serve": 6, "cli": 7,
 }  # fmt: skip
 
 

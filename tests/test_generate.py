@@ -109,13 +109,13 @@ def test_stream_deltas_add_up_and_drafts_are_opt_in(llm):
 
 def test_finished_requests_leave_the_batch(llm, monkeypatch):
     sizes = []
-    original = llm.model.denoise
+    original = llm.model.denoise_hidden
 
     def recording(canvas_ids, cache, *args, **kwargs):
         sizes.append(canvas_ids.shape[0])
         return original(canvas_ids, cache, *args, **kwargs)
 
-    monkeypatch.setattr(llm.model, "denoise", recording)
+    monkeypatch.setattr(llm.model, "denoise_hidden", recording)
     short = SamplingParams(seed=1, max_new_tokens=16, ignore_eos=True, max_denoising_steps=3)
     long = SamplingParams(seed=2, max_new_tokens=64, ignore_eos=True, max_denoising_steps=3)
     llm.generate(["a", "b"], [short, long])

@@ -31,6 +31,7 @@ from dgemma.denoise.sampler import (
     sample_step,
     temperature,
 )
+from dgemma.engine.runner import DenoiseRunner
 from dgemma.errors import CapacityError, QueueFullError, RequestError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.outputs import Draft, GenerationOutput, GenerationStats, StreamEvent, TextDelta
@@ -58,7 +59,8 @@ class _Row:
     text: TextStream
     started: float
     canvas: torch.Tensor | None = None
-    self_conditioning: torch.Tensor | None = None  # tempered logits of the previous step [1, C, V]
+    # the previous step's tempered logits through the soft embedding [1, C, D] (None on a first step)
+    self_conditioning: torch.Tensor | None = None
     stopper: StableAndConfident | None = None
     cur_step: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
@@ -142,6 +144,7 @@ class Engine:
         max_length: int,
         decode: Callable[[Sequence[int]], str] | None = None,
         max_waiting: int = 256,
+        graphs: bool | None = None,
     ):
         if slots < 1 or max_waiting < 0:
             raise CapacityError(
@@ -151,6 +154,11 @@ class Engine:
         self.decode = decode
         self.max_waiting = max_waiting
         self.cache = model.new_cache(batch_size=slots, max_length=max_length)
+        # CUDA graphs by default on the GPU (graphs=False: the eager path)
+        self.runner = DenoiseRunner(model, self.cache, graphs=graphs)
+        # the head's fp32 logits are [rows, C, V]: on the GPU a few rows at a time, so memory per step
+        # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
+        self.logit_rows = 4 if model.device.type == "cuda" else slots
         self.free: list[int] = list(range(slots))
         self.waiting: deque[_Row] = deque()
         self.active: list[_Row] = []
@@ -231,14 +239,21 @@ class Engine:
 
     def _denoise_step(self) -> Iterator[StreamEvent]:
         model, decode, active = self.model, self.decode, self.active
-        logits = _denoise_batch(model, active, self.cache)
+        rows = [r.row for r in active]
+        hidden = self.runner.hidden(
+            [r.canvas for r in active], [r.self_conditioning for r in active], rows, self.cache.lengths(rows)
+        )
         committed: list[_Row] = []
         for i, r in enumerate(active):
+            if i % self.logit_rows == 0:
+                logits = model.logits(hidden[i : i + self.logit_rows])
             params = r.request.params
             temp = temperature(r.cur_step, params.max_denoising_steps, params.t_min, params.t_max)
-            outcome = sample_step(logits[i], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator)
+            outcome = sample_step(
+                logits[i % self.logit_rows], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator
+            )
             stop = r.stopper(outcome.argmax, outcome.mean_entropy)
-            r.canvas, r.self_conditioning = outcome.next_canvas, outcome.tempered.to(model.dtype)
+            r.canvas = outcome.next_canvas
             r.cur_step -= 1
             r.steps_per_canvas[-1] += 1
             if r.request.drafts:
@@ -253,6 +268,8 @@ class Engine:
             if stop or r.cur_step == 0:
                 r.canvas = outcome.argmax  # the committed canvas is the argmax one
                 committed.append(r)
+            else:
+                r.self_conditioning = model.soft_embedding(outcome.tempered.to(model.dtype))
         yield from _commit(committed)
         going_on = [r for r in committed if r.finish_reason is None]
         if going_on:
@@ -269,23 +286,6 @@ def _new_canvas(r: _Row, canvas_length: int, vocab_size: int) -> None:
     r.stopper = StableAndConfident(params.stability_threshold, params.confidence_threshold)
     r.cur_step = params.max_denoising_steps
     r.steps_per_canvas.append(0)
-
-
-def _denoise_batch(model: DiffusionGemma, active: list[_Row], cache) -> torch.Tensor:
-    canvas = torch.cat([r.canvas for r in active])
-    with_sc = [r.self_conditioning is not None for r in active]
-    sc = mask = None
-    if any(with_sc):
-        template = next(r.self_conditioning for r in active if r.self_conditioning is not None)
-        # rows on their first step get zeros with mask 0: exactly the no-signal path for them
-        sc = torch.cat(
-            [
-                r.self_conditioning if r.self_conditioning is not None else torch.zeros_like(template)
-                for r in active
-            ]
-        )
-        mask = None if all(with_sc) else torch.tensor(with_sc, device=canvas.device)
-    return model.denoise(canvas, cache, sc, rows=[r.row for r in active], self_conditioning_mask=mask)
 
 
 def _commit(committed: list[_Row]) -> Iterator[StreamEvent]:

@@ -141,3 +141,30 @@ class Attention(nn.Module):
             v_row = torch.cat([v_pre, v[i : i + 1].to(v_pre.dtype)], dim=2)
             outs.append(self.attend(q[i : i + 1], k_row, v_row))  # everything visible: no mask
         return self.linear("o_proj", torch.cat(outs).reshape(b, c, -1), denoise=True)
+
+    def denoise_static(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,
+                       starts_B: torch.Tensor):  # fmt: skip
+        """`denoise` with rows and prefix lengths as device tensors and shapes fixed by the cache alone,
+        so it can be captured in a CUDA graph: one masked attention call over every row.
+
+        A sliding layer gathers each row's last `window - 1` prefix positions (positions before 0 are
+        masked); a full layer reads the row's whole cache, masked past its prefix."""
+        q, k, v = self.project(x_BCD, cos, sin, denoise=True)
+        b, c, _ = x_BCD.shape
+        device = x_BCD.device
+        if self.spec.window is not None:
+            span = self.spec.window - 1
+            pos_BS = starts_B[:, None] - span + torch.arange(span, device=device)
+            visible_BS = pos_BS >= 0
+            pos_BS = pos_BS.clamp(min=0)
+        else:
+            pos_BS = torch.arange(cache.max_length, device=device).expand(b, -1)
+            visible_BS = pos_BS < starts_B[:, None]
+        # advanced indices around a slice put their broadcast dims first: [B, S, K, E]
+        k_pre = cache.keys[layer][rows_B[:, None], :, pos_BS].transpose(1, 2)
+        v_pre = cache.values[layer][rows_B[:, None], :, pos_BS].transpose(1, 2)
+        k_all = torch.cat([k_pre, k.transpose(1, 2).to(k_pre.dtype)], dim=2)
+        v_all = torch.cat([v_pre, v.transpose(1, 2).to(v_pre.dtype)], dim=2)
+        mask = torch.cat([visible_BS, visible_BS.new_ones(b, c)], dim=1)[:, None, None, :]
+        out = self.attend(q, k_all, v_all, mask)
+        return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)

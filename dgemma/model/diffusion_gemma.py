@@ -66,10 +66,9 @@ class Layer(nn.Module):
         h2 = h2.reshape(r_BTD.shape)
         return r_BTD + self.post_feedforward_layernorm(h1 + self.post_feedforward_layernorm_2(h2))
 
-    def forward(self, x, cos, sin, cache, layer, rows, starts, *, denoise: bool, invariant: bool = True):
-        attn = self.self_attn.denoise if denoise else self.self_attn.encode
-        h = attn(self.input_layernorm(x), cos, sin, cache, layer, rows, starts, invariant=invariant)
-        r = x + self.post_attention_layernorm(h)
+    def forward(self, x, attend, *, denoise: bool, invariant: bool = True):
+        """`attend(normed_x) -> h` is the attention call of the mode (the model binds cache and rows)."""
+        r = x + self.post_attention_layernorm(attend(self.input_layernorm(x)))
         scalar = self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
         if self.checkpoint_feed_forward and torch.is_grad_enabled():
             out = checkpoint(self.feed_forward, r, invariant=invariant, use_reentrant=False)
@@ -118,6 +117,16 @@ class DiffusionGemma(nn.Module):
     def gradient_checkpointing(self, on: bool) -> None:
         for layer in self.layers:
             layer.checkpoint_feed_forward = bool(on)
+
+    @property
+    def use_kernels(self) -> bool:
+        """Whether inference on CUDA runs the Triton expert kernels (default) or the pure-torch loop."""
+        return self.layers[0].experts.use_kernel
+
+    @use_kernels.setter
+    def use_kernels(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.experts.use_kernel = bool(on)
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -206,20 +215,33 @@ class DiffusionGemma(nn.Module):
 
     def _run_layers(self, x, cache: KVCache, rows: list[int], starts: list[int], *, denoise: bool):
         positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
+        invariant = self.batch_invariant
+
+        def attention(i, layer, cos, sin):
+            attn = layer.self_attn.denoise if denoise else layer.self_attn.encode
+            return lambda h: attn(h, cos, sin, cache, i, rows, starts, invariant=invariant)
+
+        return self._layers(x, positions, attention, denoise=denoise, invariant=invariant)
+
+    def _layers(self, x, positions, attention, *, denoise: bool, invariant: bool):
+        """Every layer, then the final norm; `attention(i, layer, cos, sin)` gives layer i's attend."""
         tables = {}
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]
             key = (spec.rope, spec.head_dim)
             if key not in tables:
                 tables[key] = self._rope(spec, positions, x.dtype)
-            cos, sin = tables[key]
-            x = layer(x, cos, sin, cache, i, rows, starts, denoise=denoise, invariant=self.batch_invariant)
+            x = layer(x, attention(i, layer, *tables[key]), denoise=denoise, invariant=invariant)
         return self.norm(x)
 
+    @property
+    def embed_scale(self) -> float:
+        """sqrt(D) rounded to the weight dtype first (53.0 in bf16 for 2816), as in the reference; a
+        Python float, so multiplying by it launches no host-to-device copy (CUDA-graph safe)."""
+        return float(torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype))
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        # the scale is cast to the weight dtype first (sqrt(2816) is 53.0 in bf16), as in the reference
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
-        return self.embed_tokens(ids) * scale.to(ids.device)
+        return self.embed_tokens(ids) * self.embed_scale
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
@@ -248,11 +270,14 @@ class DiffusionGemma(nn.Module):
         rows: Sequence[int] | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
         prefix_lengths: Sequence[int] | None = None,
+        self_conditioning_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoiser's final hidden states [B, C, D] (the head is applied separately).
 
         `prefix_lengths` lets each row see only its first tokens of the cache (default: all encoded):
-        training encodes a whole clean sequence once, then denoises a canvas from the middle of it."""
+        training encodes a whole clean sequence once, then denoises a canvas from the middle of it.
+        `self_conditioning_embeds` [B, C, D] is the signal already through `soft_embedding` (the engine
+        keeps that, not the logits: its memory grows with the hidden size, not the vocabulary)."""
         rows = cache.rows_or_all(rows)
         starts = cache.lengths(rows)
         if prefix_lengths is not None:
@@ -282,17 +307,38 @@ class DiffusionGemma(nn.Module):
                     f"got {list(self_conditioning_logits.shape)}"
                 )
             soft = self.soft_embedding(self_conditioning_logits.to(self.device))
-            if self_conditioning_mask is not None:
-                soft = soft * self_conditioning_mask.to(soft.device, soft.dtype)[:, None, None]
+        elif self_conditioning_embeds is not None:
+            soft = self_conditioning_embeds.to(self.device, self.dtype)
+        if soft is not None and self_conditioning_mask is not None:
+            soft = soft * self_conditioning_mask.to(soft.device, soft.dtype)[:, None, None]
         x = self.self_conditioning(embeds, soft)
         return self._run_layers(x, cache, rows, starts, denoise=True)
+
+    def denoise_static(
+        self,
+        canvas_ids_BC: torch.Tensor,
+        soft_BCD: torch.Tensor,
+        cache: KVCache,
+        rows_B: torch.Tensor,
+        starts_B: torch.Tensor,
+    ) -> torch.Tensor:
+        """`denoise_hidden` for CUDA graphs: every input a device tensor, no checks, no host sync.
+
+        soft_BCD holds each row's self-conditioning signal (zeros on a canvas's first step, where the
+        block maps zeros to exactly zero); rows_B and starts_B are the cache rows and prefix lengths."""
+        x = self.self_conditioning(self._embed(canvas_ids_BC), soft_BCD)
+        positions = starts_B[:, None] + torch.arange(canvas_ids_BC.shape[1], device=x.device)
+
+        def attention(i, layer, cos, sin):
+            return lambda h: layer.self_attn.denoise_static(h, cos, sin, cache, i, rows_B, starts_B)
+
+        return self._layers(x, positions, attention, denoise=True, invariant=False)
 
     def soft_embedding(self, logits_BCV: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""
         weight = self.embed_tokens.weight
         probs = F.softmax(logits_BCV, dim=-1, dtype=torch.float32).to(weight.dtype)
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device)
-        return (probs @ weight) * scale
+        return (probs @ weight) * self.embed_scale
 
     def logits(self, hidden_BCD: torch.Tensor) -> torch.Tensor:
         """Tied head, then the fp32 soft-cap tanh(x / cap) * cap."""

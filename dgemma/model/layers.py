@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.model.config import RopeSpec
+from dgemma.ops import triton_available
 
 
 def activation(name: str):
@@ -109,8 +110,22 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = activation(act)
+        self.act_name = act
         # LoRA on the experts (dgemma.train.lora) sets this: () -> (gate_up delta, down delta) or None
         self.weight_delta = None
+        # on CUDA, inference runs the grouped Triton kernels (dgemma.ops.moe); False forces this file's
+        # loop (the spec the kernels are checked against)
+        self.use_kernel = True
+
+    def kernel_applies(self, x_ND: torch.Tensor) -> bool:
+        return (
+            self.use_kernel
+            and x_ND.is_cuda
+            and self.weight_delta is None
+            and not torch.is_grad_enabled()
+            and self.act_name in ("gelu_pytorch_tanh", "silu")
+            and triton_available()
+        )
 
     def forward(
         self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor, *, num_rows: int = 1
@@ -120,6 +135,12 @@ class Experts(nn.Module):
         Tokens are grouped by (expert, row): a row's matmuls then have the same shapes whatever else is
         in the batch. BLAS takes other code paths for tiny matrices, so grouping tokens of several rows
         into one matmul would make a seeded request's numbers depend on its neighbours."""
+        if self.kernel_applies(x_ND):
+            from dgemma.ops.moe import moe
+
+            return moe(
+                x_ND, self.gate_up_proj, self.down_proj, weights_NK, index_NK, activation=self.act_name
+            )
         out_ND = torch.zeros_like(x_ND)
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
         delta = self.weight_delta() if self.weight_delta is not None else None

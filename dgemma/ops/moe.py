@@ -1,0 +1,196 @@
+"""The experts as two grouped Triton matmuls (the pure-torch spec is `Experts.forward` in model/layers.py).
+
+Shape legend: N tokens, K top-k, P = N * K (token, expert) pairs, X experts, D hidden, I expert
+intermediate, S pair slots (each expert's pairs padded to a multiple of BLOCK_M).
+
+  1. `align` (torch ops, no host synchronisation, so it can be captured in a CUDA graph): sort the pairs
+     by expert and pad each expert's run to whole BLOCK_M blocks; every block belongs to one expert.
+  2. gate-up kernel: per (block, I tile), x[tokens] @ gate_e^T and @ up_e^T, then act(gate) * up -> h [S, I].
+  3. down kernel: per (block, D tile), h @ down_e^T times the routing weight -> y [P, D], one row per pair.
+  4. out = y.view(N, K, D).sum(1): a fixed order, no atomics, so the result is deterministic.
+
+At one 256-token canvas every expert sees ~16 tokens, so the kernels are weight-streaming: each block
+reads its expert's weight tiles once and the grid keeps an expert's blocks adjacent (they share the
+tiles in L2). Intermediate values are rounded to the weight dtype where the reference rounds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = ("gelu_pytorch_tanh", "silu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoeConfig:
+    """Tile sizes and pipelining for both kernels (benchmarks sweep these)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
+    """Blocks of ~the tokens each expert sees: 16 at one canvas, up to 64 with several."""
+    per_expert = num_pairs / num_experts
+    block_m = 16 if per_expert <= 24 else 32 if per_expert <= 48 else 64
+    return MoeConfig(block_m=block_m)
+
+
+def align(index_NK: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair_of_slot [S], block_expert [S / block_m]): slots hold pair ids sorted by expert, each expert's
+    run padded to whole blocks with the sentinel P; blocks past the last expert's run get expert X."""
+    flat = index_NK.reshape(-1)
+    num_pairs, device = flat.numel(), flat.device
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(counts, 0) - counts
+    sorted_expert = flat[order]
+    slot = padded_end[sorted_expert] - padded[sorted_expert] + torch.arange(num_pairs, device=device)
+    slot -= start[sorted_expert]
+    num_slots = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m
+    pair_of_slot = torch.full((num_slots,), num_pairs, dtype=torch.int32, device=device)
+    pair_of_slot.scatter_(0, slot, order.to(torch.int32))
+    block_start = torch.arange(0, num_slots, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)
+    return pair_of_slot, block_expert
+
+
+@triton.jit
+def _activation(x, ACT: tl.constexpr):
+    if ACT == "gelu_pytorch_tanh":
+        # gelu(x, tanh) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)), the same function as
+        # 0.5 x (1 + tanh(...)) without a tanh instruction
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    else:
+        return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, pair_ptr, block_expert_ptr,
+    num_pairs, top_k, D, I, num_experts,
+    stride_xn, stride_we, stride_wq, stride_hs,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert >= num_experts:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + offs_m)
+    valid = pair < num_pairs
+    token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token[:, None] * stride_xn + offs_k[None, :]
+    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wq + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wq
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k + k0 < D
+        a = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, g, acc_g)
+        acc_u = tl.dot(a, u, acc_u)
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    dtype = h_ptr.dtype.element_ty
+    # the reference rounds the projection, the activation and the product to the weight dtype
+    gate = acc_g.to(dtype).to(tl.float32)
+    up = acc_u.to(dtype).to(tl.float32)
+    act = _activation(gate, ACT).to(dtype).to(tl.float32)
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hs + offs_n[None, :]
+    tl.store(h_ptrs, (act * up).to(dtype), mask=n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w_ptr, y_ptr, pair_ptr, block_expert_ptr, route_ptr,
+    num_pairs, D, I, num_experts,
+    stride_hs, stride_we, stride_wd, stride_yp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert >= num_experts:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + offs_m)
+    valid = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hs + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wd + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = offs_k + k0 < I
+        a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dtype = y_ptr.dtype.element_ty
+    # routing weights are fp32 (router softmax): multiply there, then round, as the reference does
+    route = tl.load(route_ptr + pair, mask=valid, other=0.0)
+    y = acc.to(dtype).to(tl.float32) * route[:, None]
+    safe_pair = tl.where(valid, pair, 0).to(tl.int64)
+    y_ptrs = y_ptr + safe_pair[:, None] * stride_yp + offs_n[None, :]
+    tl.store(y_ptrs, y.to(dtype), mask=valid[:, None] & n_ok[None, :])
+
+
+def moe(
+    x_ND: torch.Tensor,
+    gate_up_XQD: torch.Tensor,
+    down_XDI: torch.Tensor,
+    weights_NK: torch.Tensor,
+    index_NK: torch.Tensor,
+    *,
+    activation: str = "gelu_pytorch_tanh",
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """sum_k weights[n, k] * down_e(act(gate_e x_n) * up_e x_n) over each token's experts e = index[n, k]."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"the MoE kernel supports activations {ACTIVATIONS}, not {activation!r}")
+    num_tokens, hidden = x_ND.shape
+    num_experts, twice_i, _ = gate_up_XQD.shape
+    inter, top_k = twice_i // 2, index_NK.shape[1]
+    num_pairs = num_tokens * top_k
+    cfg = config or default_config(num_pairs, num_experts)
+    x_ND = x_ND.contiguous()
+    gate_up_XQD, down_XDI = gate_up_XQD.contiguous(), down_XDI.contiguous()
+    pair_of_slot, block_expert = align(index_NK, num_experts, cfg.block_m)
+    num_blocks = block_expert.numel()
+    h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=x_ND.dtype)
+    y_PD = torch.empty(num_pairs, hidden, device=x_ND.device, dtype=x_ND.dtype)
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
+        x_ND, gate_up_XQD, h_SI, pair_of_slot, block_expert,
+        num_pairs, top_k, hidden, inter, num_experts,
+        x_ND.stride(0), gate_up_XQD.stride(0), gate_up_XQD.stride(1), h_SI.stride(0),
+        ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
+    )  # fmt: skip
+    route_P = weights_NK.reshape(-1).float().contiguous()
+    _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
+        h_SI, down_XDI, y_PD, pair_of_slot, block_expert, route_P,
+        num_pairs, hidden, inter, num_experts,
+        h_SI.stride(0), down_XDI.stride(0), down_XDI.stride(1), y_PD.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, 64), **launch,
+    )  # fmt: skip
+    return y_PD.view(num_tokens, top_k, hidden).sum(1)
