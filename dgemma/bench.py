@@ -27,6 +27,7 @@ import torch
 from dgemma.engine.generate import Engine, Request
 from dgemma.model.config import ModelConfig, parameter_counts
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.presets import release_config_dict
 from dgemma.outputs import TextDelta
 from dgemma.params import DiffusionDefaults, SamplingParams
 
@@ -77,8 +78,17 @@ def fixed_steps(steps: int, max_new_tokens: int, seed: int) -> SamplingParams:
 
 
 def random_prompt(model: DiffusionGemma, length: int, seed: int) -> tuple[int, ...]:
+    """Random ids past the specials, never the image placeholder."""
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randint(3, model.config.vocab_size, (length,), generator=gen).tolist())
+    ids = torch.randint(3, model.config.vocab_size, (length,), generator=gen)
+    if model.config.image_token_id is not None:
+        ids[ids == model.config.image_token_id] = 3
+    return tuple(ids.tolist())
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||"""
+    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
 def weight_bytes(model: DiffusionGemma) -> int:
@@ -107,17 +117,23 @@ def bench_moe(model: DiffusionGemma, tokens: Sequence[int] = (256, 2048), sweep:
     configs = [None]
     if sweep:
         configs += [
-            MoeConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
-            for m, n, k, w, s in [
-                (16, 64, 128, 4, 4),
-                (16, 64, 256, 4, 3),
-                (16, 128, 128, 4, 4),
-                (16, 128, 128, 8, 4),
-                (16, 32, 256, 4, 4),
-                (32, 64, 128, 4, 4),
-                (32, 128, 128, 8, 3),
-                (64, 64, 128, 4, 4),
-                (64, 128, 64, 8, 4),
+            MoeConfig(
+                block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st, swap_ab=sw, down_block_k=dk
+            )
+            for m, n, k, w, st, sw, dk in [
+                (16, 64, 256, 4, 3, False, 64),
+                (16, 128, 128, 4, 4, False, 64),
+                (16, 64, 128, 4, 4, True, 64),
+                (16, 64, 256, 4, 3, True, 64),
+                (16, 64, 128, 4, 5, True, 128),
+                (16, 128, 128, 4, 4, True, 64),
+                (16, 128, 128, 8, 4, True, 128),
+                (16, 128, 256, 8, 3, True, 128),
+                (32, 64, 128, 4, 4, True, 64),
+                (32, 128, 128, 8, 4, True, 128),
+                (64, 128, 64, 8, 4, False, 64),
+                (64, 128, 128, 8, 3, True, 64),
+                (128, 128, 64, 8, 4, True, 64),
             ]
         ]
     result = {"weight_bytes_per_layer": nbytes, "copy_gbps": copy_bandwidth_gbps(), "runs": []}
@@ -148,36 +164,96 @@ def bench_moe(model: DiffusionGemma, tokens: Sequence[int] = (256, 2048), sweep:
     return result
 
 
-def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
-    """Fast path (kernels, CUDA graph) vs pure-torch path (expert loop, row-by-row attention): logits of
-    one denoise step after the same prompt, same weights."""
+def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
+    """Logits of one denoise step after the same prompt: fast path (kernels, CUDA graphs, static-shape
+    attention) vs pure-torch path (expert loop, row-by-row attention), same weights."""
     from dgemma.engine.runner import DenoiseRunner
 
     c = model.config.canvas_length
     prompt = torch.tensor([random_prompt(model, prompt_len, 1)], device=model.device)
     canvas = torch.tensor([random_prompt(model, c, 2)], device=model.device)
+    fast_cache = model.new_cache(batch_size=2, max_length=prompt_len)  # row 1: the graphs' scratch row
+    model.encode(prompt, fast_cache, rows=[0])
+    fast = model.logits(
+        DenoiseRunner(model, fast_cache, graphs=True).hidden([canvas], [None], [0], [prompt_len])
+    )
+    model.use_kernels = False
+    try:
+        ref_cache = model.new_cache(batch_size=1, max_length=prompt_len)
+        model.encode(prompt, ref_cache)
+        ref = model.denoise(canvas, ref_cache)
+    finally:
+        model.use_kernels = True
+    return {
+        "logits_rel_err": rel_err(fast, ref),
+        "argmax_agreement": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "prefill_last_layer_keys_rel_err": rel_err(fast_cache.keys[-1][0], ref_cache.keys[-1][0]),
+    }
+
+
+def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
+    """The fast path against the pure-torch path: (1) one full-size expert layer in bf16 (the kernels'
+    own error); (2) the whole model in bf16 (random weights amplify rounding through 30 layers and
+    through routing flips: this measures the dtype as much as the code); (3) a full-width two-layer
+    model (one sliding, one full layer) in float32 with a prompt longer than the sliding window: the
+    code path with rounding out of the way."""
     out = {}
-    with torch.inference_mode():
-        fast_cache = model.new_cache(batch_size=1, max_length=prompt_len)
-        model.encode(prompt, fast_cache)
-        runner = DenoiseRunner(model, fast_cache, graphs=True)
-        fast = model.logits(runner.hidden([canvas], [None], [0], [prompt_len])).float()
-        model.use_kernels = False
-        try:
-            ref_cache = model.new_cache(batch_size=1, max_length=prompt_len)
-            model.encode(prompt, ref_cache)
-            ref = model.denoise(canvas, ref_cache).float()
-        finally:
-            model.use_kernels = True
-        out["logits_rel_err_norm"] = float((fast - ref).norm() / ref.norm())
-        out["logits_rel_err_max"] = float((fast - ref).abs().max() / ref.abs().max())
-        out["argmax_agreement"] = float((fast.argmax(-1) == ref.argmax(-1)).float().mean())
-        k_fast, k_ref = (
-            fast_cache.keys[0][0, :, :prompt_len].float(),
-            ref_cache.keys[0][0, :, :prompt_len].float(),
-        )
-        out["prefill_cache_rel_err_norm"] = float((k_fast - k_ref).norm() / k_ref.norm())
+    layer = model.layers[0]
+    x = torch.randn(
+        256, model.config.hidden_size, device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+    )
+    x = x.to(model.dtype)
+    weights, index = layer.router(x)
+    got = layer.experts(x, weights, index)
+    layer.experts.use_kernel = False
+    want = layer.experts(x, weights, index)
+    layer.experts.use_kernel = True
+    out["experts_layer_bf16_rel_err"] = rel_err(got, want)
+    out["full_model_bf16"] = _fast_vs_pure(model, prompt_len)
+    small = release_config_dict()
+    small["text_config"].update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    two = DiffusionGemma.random(ModelConfig.from_dict(small), device="cuda", dtype=torch.float32, seed=1)
+    out["two_layers_fp32"] = _fast_vs_pure(two, (two.config.layers[0].window or 0) + 100)
+    del two
+    torch.cuda.empty_cache()
     return out
+
+
+def bench_profile(model: DiffusionGemma, prompt_len: int, top: int = 25) -> dict:
+    """CUDA time per kernel over one eager denoise forward (the graph replays the same kernels), the
+    head and one sampler step: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dgemma.denoise.sampler import EntropyBoundSampler, sample_step
+
+    c = model.config.canvas_length
+    cache = model.new_cache(batch_size=1, max_length=prompt_len)
+    model.encode(torch.tensor([random_prompt(model, prompt_len, 1)], device="cuda"), cache)
+    canvas = torch.tensor([random_prompt(model, c, 2)], device="cuda")
+    soft = torch.zeros(1, c, model.config.hidden_size, device="cuda", dtype=model.dtype)
+    rows, starts = torch.tensor([0], device="cuda"), torch.tensor([prompt_len], device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def step():
+        hidden = model.denoise_static(canvas, soft, cache, rows, starts)
+        logits = model.logits(hidden)
+        outcome = sample_step(logits[0], canvas[0], temp=0.6, sampler=EntropyBoundSampler(0.1), generator=gen)
+        model.soft_embedding(outcome.tempered.to(model.dtype))
+
+    step()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    return {
+        "cuda_ms_total": round(total / 1e3, 3),
+        "kernels": [
+            {"name": e.key[:90], "ms": round(e.device_time_total / 1e3, 3), "calls": e.count}
+            for e in events[:top]
+        ],
+    }
 
 
 def _run_requests(engine: Engine, requests: Sequence[Request]) -> tuple[list[float], dict[int, list[float]]]:
@@ -248,6 +324,15 @@ def bench_single(model: DiffusionGemma, prompt_len: int, steps_list: Sequence[in
 
             out[f"prefill{length}_ms"] = median(timed_ms(prefill, reps=reps))
             del cache
+    engine = _engine(model, 1, prompt_len, 2)
+    _run_requests(engine, _requests(model, 1, prompt_len, 1, 1))  # captures the one-row graphs
+    canvas = torch.tensor([random_prompt(model, c, 4)], device=model.device)
+    out["forward_graph_ms"] = median(
+        timed_ms(lambda: engine.runner.hidden([canvas], [None], [0], [prompt_len]), reps=10)
+    )
+    hidden = engine.runner.hidden([canvas], [None], [0], [prompt_len]).clone()
+    out["head_ms"] = median(timed_ms(lambda: model.logits(hidden), reps=10))
+    del engine
     for steps in steps_list:
         # canvases 2..reps+1 are timed: the first warms up (graph capture), the last is never committed
         engine = _engine(model, 1, prompt_len, reps + 2)
@@ -398,6 +483,7 @@ def run_bench(
     section("first_canvas", lambda: bench_first_canvas(model, prompt_len, max(steps)))
     section("moe", lambda: bench_moe(model))
     section("correctness", lambda: bench_correctness(model, prompt_len))
+    section("profile", lambda: bench_profile(model, prompt_len))
     section("single", lambda: bench_single(model, prompt_len, steps, reps))
     section("canvases", lambda: bench_canvases(model, prompt_len, canvases, max(steps)))
     section("memory", lambda: peak_memory_at(model, 4096, max(steps)))
@@ -418,11 +504,14 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     for name in ("first_canvas", "single", "canvases", "memory", "correctness"):
         for key, value in (record.get(name) or {}).items():
             rows.append((f"{name}.{key}", str(value)))
+    for kernel in (record.get("profile") or {}).get("kernels", [])[:12]:
+        rows.append((f"profile {kernel['name'][:60]}", f"{kernel['ms']} ms ({kernel['calls']} calls)"))
     moe = record.get("moe") or {}
     for run in moe.get("runs", []):
         cfg = run["config"]
         label = f"moe {run['tokens']} tok m{cfg['block_m']} n{cfg['block_n']} k{cfg['block_k']}"
-        label += f" w{cfg['num_warps']} s{cfg['num_stages']}" + (" (default)" if run["default"] else "")
+        label += f" w{cfg['num_warps']} s{cfg['num_stages']} dk{cfg['down_block_k']}"
+        label += (" swap" if cfg["swap_ab"] else "") + (" (default)" if run["default"] else "")
         rows.append((label, f"{run['ms']} ms, {run['weights_gbps']} GB/s (copy {moe['copy_gbps']})"))
     for row in record.get("streams") or []:
         if isinstance(row, dict) and "streams" in row:

@@ -26,7 +26,8 @@ needs_interpreter = pytest.mark.skipif(
 @needs_interpreter
 @pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "silu"])
 @pytest.mark.parametrize(("block_m", "num_tokens"), [(16, 40), (32, 7), (16, 1)])
-def test_moe_kernels_match_the_expert_loop(activation, block_m, num_tokens):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_moe_kernels_match_the_expert_loop(activation, block_m, num_tokens, swap_ab):
     from dgemma.ops.moe import MoeConfig, moe
 
     torch.manual_seed(0)
@@ -42,7 +43,7 @@ def test_moe_kernels_match_the_expert_loop(activation, block_m, num_tokens):
         weights, index = router(x)
         expected = experts(x, weights, index)
         # tiles narrower than the intermediate size and the hidden size: the masked edges are exercised
-        config = MoeConfig(block_m=block_m, block_n=32, block_k=32)
+        config = MoeConfig(block_m=block_m, block_n=32, block_k=32, down_block_k=32, swap_ab=swap_ab)
         got = moe(
             x, experts.gate_up_proj, experts.down_proj, weights, index, activation=activation, config=config
         )
@@ -64,7 +65,7 @@ def test_align_pads_each_expert_to_whole_blocks():
 def model_and_cache(lengths: list[int]):
     config = ModelConfig.from_dict(tiny_config_dict())
     model = DiffusionGemma.random(config, device="cpu", dtype=torch.float32, seed=3, std=0.1)
-    cache = model.new_cache(batch_size=len(lengths) + 1, max_length=max(lengths) + 8)
+    cache = model.new_cache(batch_size=len(lengths) + 1, max_length=max(lengths) + 24)
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for row, n in enumerate(lengths):  # prompts longer and shorter than the sliding window (8)
@@ -116,3 +117,27 @@ def test_runner_buckets_and_eager_path():
     assert not runner.graphs  # CPU: eager
     with pytest.raises(ValueError, match="CUDA"):
         DenoiseRunner(model, cache, graphs=True)
+    # eager commit = encode
+    canvas = torch.randint(0, 300, (1, model.config.canvas_length))
+    with torch.inference_mode():
+        runner.commit([canvas], [1])
+    assert cache.lengths() == [4, 6 + model.config.canvas_length, 0]
+
+
+def test_static_encode_writes_the_cache_as_encode_does():
+    lengths = [3, 20, 9]
+    model, cache = model_and_cache(lengths)
+    _, twin = model_and_cache(lengths)
+    c = model.config.canvas_length
+    canvas = torch.randint(0, 300, (2, c), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        model.encode(canvas, cache, rows=[2, 1])
+        # the scratch row (3) pads the batch, as the engine's CUDA graphs do
+        model.encode_static(
+            torch.cat([canvas, canvas[:1]]), twin, torch.tensor([2, 1, 3]), torch.tensor([9, 20, 0])
+        )
+    twin.advance([2, 1], c)
+    assert twin.lengths([0, 1, 2]) == cache.lengths([0, 1, 2])
+    for layer in range(len(model.layers)):
+        for a, b in ((cache.keys[layer], twin.keys[layer]), (cache.values[layer], twin.values[layer])):
+            torch.testing.assert_close(b[:3], a[:3], rtol=1e-4, atol=1e-5)

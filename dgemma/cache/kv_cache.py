@@ -65,15 +65,24 @@ class KVCache:
                     f"{num_tokens} more do not fit (create the cache with a larger max_length)"
                 )
 
-    def write(self, layer: int, rows: Sequence[int], k_BTKE: torch.Tensor, v_BTKE: torch.Tensor) -> None:
-        """Store new K/V [B, T, K, E] at each row's current end (lengths advance in `advance`)."""
-        num_new = k_BTKE.shape[1]
-        row_idx = torch.tensor(rows, device=self.device)[:, None]
-        pos = torch.tensor(self.lengths(rows), device=self.device)[:, None] + torch.arange(
-            num_new, device=self.device
-        )
-        self.keys[layer][row_idx, :, pos] = k_BTKE.to(self.keys[layer].dtype)
-        self.values[layer][row_idx, :, pos] = v_BTKE.to(self.values[layer].dtype)
+    def write_index(self, rows: Sequence[int], num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [B, 1], positions [B, T]) on the device: where `write` puts T new tokens per row.
+        Built once per encode and shared by every layer (one host-to-device copy, not one a layer)."""
+        index = torch.tensor([[r, n] for r, n in zip(rows, self.lengths(rows))]).to(self.device)
+        return index[:, :1], index[:, 1:] + torch.arange(num_new, device=self.device)
+
+    def write(
+        self,
+        layer: int,
+        index: tuple[torch.Tensor, torch.Tensor],
+        k_BTKE: torch.Tensor,
+        v_BTKE: torch.Tensor,
+    ) -> None:
+        """Store new K/V [B, T, K, E] at `index` = (rows [B, 1], positions [B, T]) (see `write_index`;
+        lengths advance in `advance`)."""
+        rows_B1, pos_BT = index
+        self.keys[layer][rows_B1, :, pos_BT] = k_BTKE.to(self.keys[layer].dtype)
+        self.values[layer][rows_B1, :, pos_BT] = v_BTKE.to(self.values[layer].dtype)
 
     def read_rows(self, layer: int, rows: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [B, K, length, E] of several rows (positions past a row's end are stale: mask them)."""

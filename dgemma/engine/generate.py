@@ -153,8 +153,10 @@ class Engine:
         self.model = model
         self.decode = decode
         self.max_waiting = max_waiting
-        self.cache = model.new_cache(batch_size=slots, max_length=max_length)
-        # CUDA graphs by default on the GPU (graphs=False: the eager path)
+        # CUDA graphs by default on the GPU (graphs=False: the eager path); they pad batches with a
+        # scratch row after the request rows
+        graphs = model.device.type == "cuda" if graphs is None else graphs
+        self.cache = model.new_cache(batch_size=slots + (1 if graphs else 0), max_length=max_length)
         self.runner = DenoiseRunner(model, self.cache, graphs=graphs)
         # the head's fp32 logits are [rows, C, V]: on the GPU a few rows at a time, so memory per step
         # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
@@ -273,7 +275,7 @@ class Engine:
         yield from _commit(committed)
         going_on = [r for r in committed if r.finish_reason is None]
         if going_on:
-            model.encode(torch.cat([r.canvas for r in going_on]), self.cache, rows=[r.row for r in going_on])
+            self.runner.commit([r.canvas for r in going_on], [r.row for r in going_on])
             for r in going_on:
                 _new_canvas(r, model.config.canvas_length, model.config.vocab_size)
         self._release([r for r in active if r.finish_reason is not None])

@@ -1,10 +1,11 @@
-"""The denoise forward as the engine runs it: eager (CPU, the reference path), or replayed from CUDA graphs.
+"""The model calls of an engine step: eager (CPU, the reference path), or replayed from CUDA graphs.
 
 On the GPU a step's forward is thousands of small kernels; replaying a captured graph launches them all
-at once. One graph per batch bucket (1, 2, 4, 8 ... rows, up to the cache's rows): a batch is padded to
-its bucket (padding rows read cache row 0 with an empty prefix, and their output is dropped). Graphs are
-captured on first use and share one memory pool. Inputs go through static buffers; the output is a view
-of the graph's own buffer, valid until the next call.
+at once. Two kinds of graph, each per batch bucket (1, 2, 4, 8 ... rows, up to the engine's rows): the
+denoise forward (final hidden states) and the commit (encode one canvas per row into the cache). A batch
+is padded to its bucket with the cache's scratch row (the last one, never given to a request), whose
+output is dropped. Graphs are captured on first use and share one memory pool. Inputs go through
+static buffers; a denoise output is a view of the graph's own buffer, valid until the next call.
 
 Shape legend: B rows, C canvas tokens, D hidden.
 """
@@ -27,11 +28,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    canvas_BC: torch.Tensor
-    soft_BCD: torch.Tensor
+    ids_BC: torch.Tensor
     rows_B: torch.Tensor
     starts_B: torch.Tensor
-    hidden_BCD: torch.Tensor
+    soft_BCD: torch.Tensor | None = None
+    hidden_BCD: torch.Tensor | None = None
 
 
 def buckets_for(num_rows: int) -> tuple[int, ...]:
@@ -44,7 +45,9 @@ def buckets_for(num_rows: int) -> tuple[int, ...]:
 
 
 class DenoiseRunner:
-    """`hidden(...)`: the denoiser's final hidden states for a batch of canvases."""
+    """`hidden(...)`: the denoiser's hidden states for a batch of canvases; `commit(...)`: encode them.
+
+    With graphs, the cache's last row is scratch (padding); requests use rows 0 .. batch_size - 2."""
 
     def __init__(self, model: DiffusionGemma, cache: KVCache, *, graphs: bool | None = None):
         self.model = model
@@ -52,8 +55,11 @@ class DenoiseRunner:
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         if self.graphs and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.buckets = buckets_for(cache.batch_size)
-        self._captured: dict[int, _Graph] = {}
+        if self.graphs and cache.batch_size < 2:
+            raise ValueError("with CUDA graphs the cache needs a scratch row beside the request rows")
+        self.scratch_row = cache.batch_size - 1
+        self.buckets = buckets_for(max(1, cache.batch_size - 1))
+        self._captured: dict[tuple[str, int], _Graph] = {}
         self._pool = None
 
     def hidden(
@@ -67,20 +73,32 @@ class DenoiseRunner:
         canvas's first step); rows and starts: cache rows and prefix lengths. Returns [B, C, D]."""
         if not self.graphs:
             return self._eager(canvases, soft, rows)
-        b = len(rows)
-        graph = self._graph(next(size for size in self.buckets if size >= b))
-        graph.canvas_BC[:b].copy_(torch.cat(list(canvases)))
-        graph.canvas_BC[b:].zero_()
+        graph = self._load("denoise", canvases, rows, starts)
         for i, s in enumerate(soft):
             if s is None:
                 graph.soft_BCD[i].zero_()
             else:
                 graph.soft_BCD[i].copy_(s[0])
-        pad = len(graph.rows_B) - b
-        graph.rows_B.copy_(torch.tensor([*rows, *[0] * pad]), non_blocking=True)
-        graph.starts_B.copy_(torch.tensor([*starts, *[0] * pad]), non_blocking=True)
         graph.graph.replay()
-        return graph.hidden_BCD[:b]
+        return graph.hidden_BCD[: len(rows)]
+
+    def commit(self, canvases: Sequence[torch.Tensor], rows: Sequence[int]) -> None:
+        """Encode one canvas [1, C] per row at the end of its prefix (the cache's lengths advance)."""
+        if not self.graphs:
+            self.model.encode(torch.cat(list(canvases)), self.cache, rows=list(rows))
+            return
+        self.cache.check_room(rows, canvases[0].shape[-1])
+        self._load("commit", canvases, rows, self.cache.lengths(rows)).graph.replay()
+        self.cache.advance(rows, canvases[0].shape[-1])
+
+    def _load(self, kind: str, canvases, rows, starts) -> _Graph:
+        b = len(rows)
+        graph = self._graph(kind, next(size for size in self.buckets if size >= b))
+        graph.ids_BC[:b].copy_(torch.cat(list(canvases)))
+        pad = len(graph.rows_B) - b
+        graph.rows_B.copy_(torch.tensor([*rows, *[self.scratch_row] * pad]), non_blocking=True)
+        graph.starts_B.copy_(torch.tensor([*starts, *[0] * pad]), non_blocking=True)
+        return graph
 
     def _eager(self, canvases, soft, rows) -> torch.Tensor:
         sc = mask = None
@@ -98,18 +116,26 @@ class DenoiseRunner:
             self_conditioning_mask=mask,
         )
 
-    def _graph(self, size: int) -> _Graph:
-        if size in self._captured:
-            return self._captured[size]
+    def _graph(self, kind: str, size: int) -> _Graph:
+        if (kind, size) in self._captured:
+            return self._captured[kind, size]
         model, device = self.model, self.model.device
         c, d = model.config.canvas_length, model.config.hidden_size
-        canvas = torch.zeros(size, c, dtype=torch.long, device=device)
-        soft = torch.zeros(size, c, d, dtype=model.dtype, device=device)
-        rows = torch.zeros(size, dtype=torch.long, device=device)
-        starts = torch.zeros(size, dtype=torch.long, device=device)
+        g = _Graph(
+            graph=torch.cuda.CUDAGraph(),
+            ids_BC=torch.zeros(size, c, dtype=torch.long, device=device),
+            rows_B=torch.full((size,), self.scratch_row, dtype=torch.long, device=device),
+            starts_B=torch.zeros(size, dtype=torch.long, device=device),
+        )
+        if kind == "denoise":
+            g.soft_BCD = torch.zeros(size, c, d, dtype=model.dtype, device=device)
 
-        def forward():
-            return model.denoise_static(canvas, soft, self.cache, rows, starts)
+            def forward():
+                return model.denoise_static(g.ids_BC, g.soft_BCD, self.cache, g.rows_B, g.starts_B)
+        else:  # warm-up and capture write only the scratch row (every row index is the scratch row)
+
+            def forward():
+                return model.encode_static(g.ids_BC, self.cache, g.rows_B, g.starts_B)
 
         began = time.perf_counter()
         # warm up on a side stream (compiles the Triton kernels, fills lazy caches), then capture
@@ -119,11 +145,9 @@ class DenoiseRunner:
             for _ in range(2):
                 forward()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            hidden = forward()
-        self._pool = graph.pool()
-        captured = _Graph(graph, canvas, soft, rows, starts, hidden)
-        self._captured[size] = captured
-        logger.info("captured the denoise graph for %d rows in %.1f s", size, time.perf_counter() - began)
-        return captured
+        with torch.cuda.graph(g.graph, pool=self._pool):
+            g.hidden_BCD = forward()
+        self._pool = g.graph.pool()
+        self._captured[kind, size] = g
+        logger.info("captured the %s graph for %d rows in %.1f s", kind, size, time.perf_counter() - began)
+        return g

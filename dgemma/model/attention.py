@@ -90,11 +90,11 @@ class Attention(nn.Module):
     # Without it (training), one padded, masked call serves the whole batch.
 
     def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int],
-               *, invariant: bool = True):  # fmt: skip
+               *, invariant: bool = True, write_index=None):  # fmt: skip
         """Causal attention of T new tokens per row; `starts` holds each row's prefix length."""
         q, k, v = self.project(x_BTD, cos, sin, denoise=False)
-        cache.write(layer, rows, k, v)
         b, t, _ = x_BTD.shape
+        cache.write(layer, write_index or cache.write_index(rows, t), k, v)
         if not invariant:
             length = max(starts) + t
             k_all, v_all = cache.read_rows(layer, rows, length)
@@ -168,3 +168,24 @@ class Attention(nn.Module):
         mask = torch.cat([visible_BS, visible_BS.new_ones(b, c)], dim=1)[:, None, None, :]
         out = self.attend(q, k_all, v_all, mask)
         return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)
+
+    def encode_static(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,
+                      starts_B: torch.Tensor):  # fmt: skip
+        """`encode` for CUDA graphs (rows and prefix lengths as device tensors, shapes fixed by the
+        cache): writes the new K/V, then one masked causal attention over every row. Positions past
+        the cache's end are clamped (only the engine's scratch row, which pads a batch, reaches them)."""
+        q, k, v = self.project(x_BTD, cos, sin, denoise=False)
+        b, t, _ = x_BTD.shape
+        device, last = x_BTD.device, cache.max_length - 1
+        q_pos_BT = starts_B[:, None] + torch.arange(t, device=device)
+        cache.write(layer, (rows_B[:, None], q_pos_BT.clamp(max=last)), k, v)
+        if self.spec.window is not None:
+            span = self.spec.window - 1 + t
+            k_pos_BS = starts_B[:, None] - (self.spec.window - 1) + torch.arange(span, device=device)
+        else:
+            k_pos_BS = torch.arange(cache.max_length, device=device).expand(b, -1)
+        k_pre = cache.keys[layer][rows_B[:, None], :, k_pos_BS.clamp(0, last)].transpose(1, 2)
+        v_pre = cache.values[layer][rows_B[:, None], :, k_pos_BS.clamp(0, last)].transpose(1, 2)
+        visible = (k_pos_BS >= 0)[:, None, :] & self.causal_mask(q_pos_BT[:, :, None], k_pos_BS[:, None, :])
+        out = self.attend(q, k_pre, v_pre, visible[:, None])
+        return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)

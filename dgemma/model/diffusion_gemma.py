@@ -216,10 +216,16 @@ class DiffusionGemma(nn.Module):
     def _run_layers(self, x, cache: KVCache, rows: list[int], starts: list[int], *, denoise: bool):
         positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
         invariant = self.batch_invariant
+        index = None if denoise else cache.write_index(rows, x.shape[1])
 
         def attention(i, layer, cos, sin):
-            attn = layer.self_attn.denoise if denoise else layer.self_attn.encode
-            return lambda h: attn(h, cos, sin, cache, i, rows, starts, invariant=invariant)
+            if denoise:
+                return lambda h: layer.self_attn.denoise(
+                    h, cos, sin, cache, i, rows, starts, invariant=invariant
+                )
+            return lambda h: layer.self_attn.encode(
+                h, cos, sin, cache, i, rows, starts, invariant=invariant, write_index=index
+            )
 
         return self._layers(x, positions, attention, denoise=denoise, invariant=invariant)
 
@@ -333,6 +339,19 @@ class DiffusionGemma(nn.Module):
             return lambda h: layer.self_attn.denoise_static(h, cos, sin, cache, i, rows_B, starts_B)
 
         return self._layers(x, positions, attention, denoise=True, invariant=False)
+
+    def encode_static(
+        self, token_ids_BT: torch.Tensor, cache: KVCache, rows_B: torch.Tensor, starts_B: torch.Tensor
+    ) -> None:
+        """`encode` for CUDA graphs: writes K/V at starts_B of rows_B, every input a device tensor, no
+        checks; the caller advances the cache's lengths (`cache.advance`)."""
+        x = self._embed(token_ids_BT)
+        positions = starts_B[:, None] + torch.arange(token_ids_BT.shape[1], device=x.device)
+
+        def attention(i, layer, cos, sin):
+            return lambda h: layer.self_attn.encode_static(h, cos, sin, cache, i, rows_B, starts_B)
+
+        self._layers(x, positions, attention, denoise=False, invariant=False)
 
     def soft_embedding(self, logits_BCV: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""

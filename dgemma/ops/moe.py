@@ -34,6 +34,8 @@ class MoeConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
+    swap_ab: bool = False  # weights as the left operand (see _tile_dot)
+    down_block_k: int = 64
 
 
 def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
@@ -76,11 +78,24 @@ def _activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b, or with SWAP_AB (acc transposed) acc += b^T @ a^T: the weight tile becomes the
+    left operand, whose 64+ rows let Hopper use its warpgroup MMA when tokens are few."""
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if SWAP_AB:
+        return tl.dot(b, a, acc, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, pair_ptr, block_expert_ptr,
     num_pairs, top_k, D, I, num_experts,
     stride_xn, stride_we, stride_wq, stride_hs,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -94,18 +109,27 @@ def _gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + token[:, None] * stride_xn + offs_k[None, :]
-    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wq + offs_k[:, None]
+    if SWAP_AB:  # x^T tiles [K, M], weight tiles [N, K] (rows of the weight: contiguous K)
+        x_ptrs = x_ptr + token[None, :] * stride_xn + offs_k[:, None]
+        g_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wq + offs_k[None, :]
+        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:  # x tiles [M, K], weight tiles [K, N]
+        x_ptrs = x_ptr + token[:, None] * stride_xn + offs_k[None, :]
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wq + offs_k[:, None]
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u_ptrs = g_ptrs + I * stride_wq
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = offs_k + k0 < D
-        a = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g)
-        acc_u = tl.dot(a, u, acc_u)
+        if SWAP_AB:
+            x_mask = k_ok[:, None] & valid[None, :]
+            w_mask = n_ok[:, None] & k_ok[None, :]
+        else:
+            x_mask = valid[:, None] & k_ok[None, :]
+            w_mask = k_ok[:, None] & n_ok[None, :]
+        acc_g = _tile_dot(x_ptrs, g_ptrs, x_mask, w_mask, acc_g, SWAP_AB, PRECISION)
+        acc_u = _tile_dot(x_ptrs, u_ptrs, x_mask, w_mask, acc_u, SWAP_AB, PRECISION)
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -113,9 +137,11 @@ def _gate_up_kernel(
     # the reference rounds the projection, the activation and the product to the weight dtype
     gate = acc_g.to(dtype).to(tl.float32)
     up = acc_u.to(dtype).to(tl.float32)
-    act = _activation(gate, ACT).to(dtype).to(tl.float32)
-    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hs + offs_n[None, :]
-    tl.store(h_ptrs, (act * up).to(dtype), mask=n_ok[None, :])
+    h = (_activation(gate, ACT).to(dtype).to(tl.float32) * up).to(dtype)
+    if SWAP_AB:
+        tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hs + offs_n[:, None], h, mask=n_ok[:, None])
+    else:
+        tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hs + offs_n[None, :], h, mask=n_ok[None, :])
 
 
 @triton.jit
@@ -124,6 +150,7 @@ def _down_kernel(
     num_pairs, D, I, num_experts,
     stride_hs, stride_we, stride_wd, stride_yp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -136,23 +163,38 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hs + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wd + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        h_ptrs = h_ptr + offs_m[None, :].to(tl.int64) * stride_hs + offs_k[:, None]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wd + offs_k[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hs + offs_k[None, :]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wd + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k_ok = offs_k + k0 < I
-        a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        if SWAP_AB:
+            acc = _tile_dot(
+                h_ptrs, w_ptrs, k_ok[:, None], n_ok[:, None] & k_ok[None, :], acc, SWAP_AB, PRECISION
+            )
+        else:
+            acc = _tile_dot(
+                h_ptrs, w_ptrs, k_ok[None, :], k_ok[:, None] & n_ok[None, :], acc, SWAP_AB, PRECISION
+            )
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     dtype = y_ptr.dtype.element_ty
     # routing weights are fp32 (router softmax): multiply there, then round, as the reference does
     route = tl.load(route_ptr + pair, mask=valid, other=0.0)
-    y = acc.to(dtype).to(tl.float32) * route[:, None]
     safe_pair = tl.where(valid, pair, 0).to(tl.int64)
-    y_ptrs = y_ptr + safe_pair[:, None] * stride_yp + offs_n[None, :]
-    tl.store(y_ptrs, y.to(dtype), mask=valid[:, None] & n_ok[None, :])
+    if SWAP_AB:
+        y = acc.to(dtype).to(tl.float32) * route[None, :]
+        y_ptrs = y_ptr + safe_pair[None, :] * stride_yp + offs_n[:, None]
+        tl.store(y_ptrs, y.to(dtype), mask=valid[None, :] & n_ok[:, None])
+    else:
+        y = acc.to(dtype).to(tl.float32) * route[:, None]
+        y_ptrs = y_ptr + safe_pair[:, None] * stride_yp + offs_n[None, :]
+        tl.store(y_ptrs, y.to(dtype), mask=valid[:, None] & n_ok[None, :])
 
 
 def moe(
@@ -179,7 +221,14 @@ def moe(
     num_blocks = block_expert.numel()
     h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=x_ND.dtype)
     y_PD = torch.empty(num_pairs, hidden, device=x_ND.device, dtype=x_ND.dtype)
-    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # float32 models multiply in full float32 (Triton's default for float32 is TF32)
+    precision = "ieee" if x_ND.dtype == torch.float32 else "tf32"
+    launch = {
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "SWAP_AB": cfg.swap_ab,
+        "PRECISION": precision,
+    }
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
         x_ND, gate_up_XQD, h_SI, pair_of_slot, block_expert,
         num_pairs, top_k, hidden, inter, num_experts,
@@ -191,6 +240,6 @@ def moe(
         h_SI, down_XDI, y_PD, pair_of_slot, block_expert, route_P,
         num_pairs, hidden, inter, num_experts,
         h_SI.stride(0), down_XDI.stride(0), down_XDI.stride(1), y_PD.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, 64), **launch,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.down_block_k, **launch,
     )  # fmt: skip
     return y_PD.view(num_tokens, top_k, hidden).sum(1)
