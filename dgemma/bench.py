@@ -151,7 +151,7 @@ def bench_moe(model: DiffusionGemma, tokens: Sequence[int] = (256, 2048), sweep:
             except Exception as exc:  # a tile config the compiler rejects (shared memory): skip it
                 logger.warning("MoE config %s failed: %s", cfg, exc)
                 continue
-            used = cfg or default_config(n * index.shape[1], experts.gate_up_proj.shape[0])
+            used = cfg or default_config(n * index.shape[1], experts.gate_up_proj.shape[0], x.dtype)
             result["runs"].append(
                 {
                     "tokens": n,
@@ -161,6 +161,22 @@ def bench_moe(model: DiffusionGemma, tokens: Sequence[int] = (256, 2048), sweep:
                     "weights_gbps": round(nbytes / (ms / 1e3) / 1e9, 1),
                 }
             )
+        if hasattr(torch, "_grouped_mm"):
+            from dgemma.ops.moe import moe_grouped_mm
+
+            def grouped(x=x, weights=weights, index=index):
+                return moe_grouped_mm(x, experts.gate_up_proj, experts.down_proj, weights, index)
+
+            try:
+                ms = median(timed_ms(grouped, reps=20, warmup=3))
+                result["grouped_mm"] = [
+                    *result.get("grouped_mm", []),
+                    {"tokens": n, "ms": ms, "weights_gbps": round(nbytes / (ms / 1e3) / 1e9, 1)},
+                ]
+                want = moe(x, experts.gate_up_proj, experts.down_proj, weights, index)
+                result["grouped_mm"][-1]["rel_err_vs_triton"] = rel_err(grouped(), want)
+            except Exception as exc:
+                result["grouped_mm"] = [{"error": f"{type(exc).__name__}: {exc}"}]
     return result
 
 
@@ -219,26 +235,35 @@ def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     return out
 
 
-def bench_profile(model: DiffusionGemma, prompt_len: int, top: int = 25) -> dict:
-    """CUDA time per kernel over one eager denoise forward (the graph replays the same kernels), the
-    head and one sampler step: where a step's time goes."""
+def bench_profile(model: DiffusionGemma, prompt_len: int, rows: int = 1, top: int = 25) -> dict:
+    """CUDA time per kernel over one eager denoise forward of `rows` canvases (the graph replays the same
+    kernels), the head and the sampler step: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dgemma.denoise.sampler import EntropyBoundSampler, sample_step
+    from dgemma.denoise.sampler import EntropyBoundSampler, sample_steps
 
     c = model.config.canvas_length
-    cache = model.new_cache(batch_size=1, max_length=prompt_len)
-    model.encode(torch.tensor([random_prompt(model, prompt_len, 1)], device="cuda"), cache)
-    canvas = torch.tensor([random_prompt(model, c, 2)], device="cuda")
-    soft = torch.zeros(1, c, model.config.hidden_size, device="cuda", dtype=model.dtype)
-    rows, starts = torch.tensor([0], device="cuda"), torch.tensor([prompt_len], device="cuda")
-    gen = torch.Generator("cuda").manual_seed(0)
+    cache = model.new_cache(batch_size=rows, max_length=prompt_len)
+    for row in range(rows):
+        model.encode(torch.tensor([random_prompt(model, prompt_len, row)], device="cuda"), cache, rows=[row])
+    canvas = torch.tensor([random_prompt(model, c, 100 + row) for row in range(rows)], device="cuda")
+    soft = torch.zeros(rows, c, model.config.hidden_size, device="cuda", dtype=model.dtype)
+    rows_t = torch.arange(rows, device="cuda")
+    starts = torch.full((rows,), prompt_len, device="cuda")
+    gens = [torch.Generator("cuda").manual_seed(row) for row in range(rows)]
 
     def step():
-        hidden = model.denoise_static(canvas, soft, cache, rows, starts)
-        logits = model.logits(hidden)
-        outcome = sample_step(logits[0], canvas[0], temp=0.6, sampler=EntropyBoundSampler(0.1), generator=gen)
-        model.soft_embedding(outcome.tempered.to(model.dtype))
+        hidden = model.denoise_static(canvas, soft, cache, rows_t, starts)
+        for lo in range(0, rows, 4):
+            n = min(4, rows - lo)
+            outcomes = sample_steps(
+                model.logits(hidden[lo : lo + n]),
+                list(canvas[lo : lo + n]),
+                temps=[torch.tensor(0.6)] * n,
+                samplers=[EntropyBoundSampler(0.1)] * n,
+                generators=gens[lo : lo + n],
+            )
+            model.soft_embedding(torch.cat([o.tempered for o in outcomes]).to(model.dtype))
 
     step()
     sync()
@@ -248,6 +273,7 @@ def bench_profile(model: DiffusionGemma, prompt_len: int, top: int = 25) -> dict
     events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
     return {
+        "rows": rows,
         "cuda_ms_total": round(total / 1e3, 3),
         "kernels": [
             {"name": e.key[:90], "ms": round(e.device_time_total / 1e3, 3), "calls": e.count}
@@ -484,6 +510,7 @@ def run_bench(
     section("moe", lambda: bench_moe(model))
     section("correctness", lambda: bench_correctness(model, prompt_len))
     section("profile", lambda: bench_profile(model, prompt_len))
+    section("profile8", lambda: bench_profile(model, prompt_len, rows=8))
     section("single", lambda: bench_single(model, prompt_len, steps, reps))
     section("canvases", lambda: bench_canvases(model, prompt_len, canvases, max(steps)))
     section("memory", lambda: peak_memory_at(model, 4096, max(steps)))
@@ -504,8 +531,14 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     for name in ("first_canvas", "single", "canvases", "memory", "correctness"):
         for key, value in (record.get(name) or {}).items():
             rows.append((f"{name}.{key}", str(value)))
-    for kernel in (record.get("profile") or {}).get("kernels", [])[:12]:
-        rows.append((f"profile {kernel['name'][:60]}", f"{kernel['ms']} ms ({kernel['calls']} calls)"))
+    for name in ("profile", "profile8"):
+        prof = record.get(name) or {}
+        if "cuda_ms_total" in prof:
+            rows.append(
+                (f"{name} total", f"{prof['cuda_ms_total']} ms of CUDA time, {prof['rows']} canvases")
+            )
+        for kernel in prof.get("kernels", [])[:12]:
+            rows.append((f"{name} {kernel['name'][:60]}", f"{kernel['ms']} ms ({kernel['calls']} calls)"))
     moe = record.get("moe") or {}
     for run in moe.get("runs", []):
         cfg = run["config"]

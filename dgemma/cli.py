@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stream-canvases", type=int, default=2, help="canvases per streamed request")
     bench.add_argument(
         "--sections",
-        default="first_canvas,moe,correctness,single,canvases,memory,streams",
+        default="first_canvas,moe,correctness,profile,profile8,single,canvases,memory,streams",
         help="which sections to run (comma list)",
     )
     bench.add_argument("--reps", type=int, default=3, help="timed canvases per measurement")

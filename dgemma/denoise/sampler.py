@@ -131,6 +131,44 @@ def sample_step(
     )
 
 
+def sample_steps(
+    logits_GCV: torch.Tensor,
+    canvases: list[torch.Tensor],
+    *,
+    temps: list[torch.Tensor],
+    samplers: list[Sampler],
+    generators: list[torch.Generator | None],
+) -> list[StepOutcome]:
+    """`sample_step` for G canvases at once: one softmax, argmax and entropy pass over the group (the
+    vocabulary-wide work), per-canvas draws from each canvas's own generator in the same order as
+    `sample_step` (so the outcome of a canvas does not depend on the others in the group)."""
+    temp_G = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in temps]).to(logits_GCV.device)
+    tempered = logits_GCV / temp_G[:, None, None]
+    probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
+    vocab = probs.shape[-1]
+    argmax = tempered.argmax(dim=-1)
+    h = entropy(tempered)
+    mean_h = h.mean(dim=-1)
+    outcomes, keeps = [], []
+    for j, (canvas_C, sampler, generator) in enumerate(zip(canvases, samplers, generators)):
+        sampled = torch.multinomial(probs[j], num_samples=1, generator=generator).view(1, -1)
+        keep = sampler.accept(tempered[j : j + 1], h[j : j + 1])
+        noise = random_canvas(canvas_C.shape[-1], vocab, generator, canvas_C.device)
+        keeps.append(keep)
+        outcomes.append((torch.where(keep, sampled, noise), j))
+    accepted = torch.cat(keeps).sum(dim=-1).tolist()  # one host synchronisation for the group
+    return [
+        StepOutcome(
+            next_canvas=next_canvas,
+            argmax=argmax[j : j + 1],
+            tempered=tempered[j : j + 1],
+            accepted=accepted[j],
+            mean_entropy=mean_h[j],
+        )
+        for next_canvas, j in outcomes
+    ]
+
+
 class StableAndConfident:
     """Stop test for one canvas: the argmax canvas equals each of the last `stability_threshold` ones
     and the mean entropy of the tempered logits is below `confidence_threshold`."""

@@ -28,7 +28,7 @@ from dgemma.denoise.sampler import (
     StableAndConfident,
     make_sampler,
     random_canvas,
-    sample_step,
+    sample_steps,
     temperature,
 )
 from dgemma.engine.runner import DenoiseRunner
@@ -246,32 +246,39 @@ class Engine:
             [r.canvas for r in active], [r.self_conditioning for r in active], rows, self.cache.lengths(rows)
         )
         committed: list[_Row] = []
-        for i, r in enumerate(active):
-            if i % self.logit_rows == 0:
-                logits = model.logits(hidden[i : i + self.logit_rows])
-            params = r.request.params
-            temp = temperature(r.cur_step, params.max_denoising_steps, params.t_min, params.t_max)
-            outcome = sample_step(
-                logits[i % self.logit_rows], r.canvas[0], temp=temp, sampler=r.sampler, generator=r.generator
+        for lo in range(0, len(active), self.logit_rows):
+            group = active[lo : lo + self.logit_rows]
+            outcomes = sample_steps(
+                model.logits(hidden[lo : lo + len(group)]),
+                [r.canvas[0] for r in group],
+                temps=[_temperature(r) for r in group],
+                samplers=[r.sampler for r in group],
+                generators=[r.generator for r in group],
             )
-            stop = r.stopper(outcome.argmax, outcome.mean_entropy)
-            r.canvas = outcome.next_canvas
-            r.cur_step -= 1
-            r.steps_per_canvas[-1] += 1
-            if r.request.drafts:
-                ids = tuple(outcome.argmax[0].tolist())
-                yield Draft(
-                    index=r.request.index,
-                    canvas=len(r.steps_per_canvas) - 1,
-                    step=r.steps_per_canvas[-1],
-                    text=decode(ids) if decode is not None else "",
-                    token_ids=ids,
-                )
-            if stop or r.cur_step == 0:
-                r.canvas = outcome.argmax  # the committed canvas is the argmax one
-                committed.append(r)
-            else:
-                r.self_conditioning = model.soft_embedding(outcome.tempered.to(model.dtype))
+            going_on = []
+            for r, outcome in zip(group, outcomes):
+                stop = r.stopper(outcome.argmax, outcome.mean_entropy)
+                r.canvas = outcome.next_canvas
+                r.cur_step -= 1
+                r.steps_per_canvas[-1] += 1
+                if r.request.drafts:
+                    ids = tuple(outcome.argmax[0].tolist())
+                    yield Draft(
+                        index=r.request.index,
+                        canvas=len(r.steps_per_canvas) - 1,
+                        step=r.steps_per_canvas[-1],
+                        text=decode(ids) if decode is not None else "",
+                        token_ids=ids,
+                    )
+                if stop or r.cur_step == 0:
+                    r.canvas = outcome.argmax  # the committed canvas is the argmax one
+                    committed.append(r)
+                else:
+                    going_on.append((r, outcome.tempered))
+            if going_on:  # the next step's self-conditioning signal, for the group's continuing canvases
+                soft = model.soft_embedding(torch.cat([t for _, t in going_on]).to(model.dtype))
+                for j, (r, _) in enumerate(going_on):
+                    r.self_conditioning = soft[j : j + 1]
         yield from _commit(committed)
         going_on = [r for r in committed if r.finish_reason is None]
         if going_on:
@@ -279,6 +286,11 @@ class Engine:
             for r in going_on:
                 _new_canvas(r, model.config.canvas_length, model.config.vocab_size)
         self._release([r for r in active if r.finish_reason is not None])
+
+
+def _temperature(r: _Row) -> torch.Tensor:
+    p = r.request.params
+    return temperature(r.cur_step, p.max_denoising_steps, p.t_min, p.t_max)
 
 
 def _new_canvas(r: _Row, canvas_length: int, vocab_size: int) -> None:
