@@ -141,3 +141,17 @@ def test_static_encode_writes_the_cache_as_encode_does():
     for layer in range(len(model.layers)):
         for a, b in ((cache.keys[layer], twin.keys[layer]), (cache.values[layer], twin.values[layer])):
             torch.testing.assert_close(b[:3], a[:3], rtol=1e-4, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_rms_norm_kernel_matches_the_torch_norm(with_scale):
+    from dgemma.model.layers import RMSNorm
+    from dgemma.ops.norm import rms_norm
+
+    norm = RMSNorm(48, 1e-6, with_scale=with_scale)
+    if with_scale:
+        norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 48) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), norm(x), rtol=1e-5, atol=1e-6)

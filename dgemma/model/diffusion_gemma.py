@@ -120,13 +120,15 @@ class DiffusionGemma(nn.Module):
 
     @property
     def use_kernels(self) -> bool:
-        """Whether inference on CUDA runs the Triton expert kernels (default) or the pure-torch loop."""
+        """Whether inference on CUDA runs the Triton kernels (experts, norms; the default) or the
+        pure-torch spec."""
         return self.layers[0].experts.use_kernel
 
     @use_kernels.setter
     def use_kernels(self, on: bool) -> None:
-        for layer in self.layers:
-            layer.experts.use_kernel = bool(on)
+        for module in self.modules():
+            if hasattr(module, "use_kernel"):
+                module.use_kernel = bool(on)
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod

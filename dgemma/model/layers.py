@@ -25,6 +25,11 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")  # config.py validates first
 
 
+def kernels_apply(x: torch.Tensor) -> bool:
+    """Inference on CUDA with Triton installed: the fused kernels of dgemma.ops replace the torch ops."""
+    return x.is_cuda and not torch.is_grad_enabled() and triton_available()
+
+
 class RMSNorm(nn.Module):
     """Gemma 4 RMSNorm: fp32 math, `x * (mean(x^2) + eps)^-0.5 * weight` (weight used as is, not 1 + w)."""
 
@@ -32,8 +37,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        self.use_kernel = True  # on CUDA, inference runs dgemma.ops.norm (False: the torch ops below)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and kernels_apply(x):
+            from dgemma.ops.norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         # pow(-0.5) rather than rsqrt: the reference does the same, for parity across compilers.
         out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
@@ -120,11 +130,9 @@ class Experts(nn.Module):
     def kernel_applies(self, x_ND: torch.Tensor) -> bool:
         return (
             self.use_kernel
-            and x_ND.is_cuda
             and self.weight_delta is None
-            and not torch.is_grad_enabled()
             and self.act_name in ("gelu_pytorch_tanh", "silu")
-            and triton_available()
+            and kernels_apply(x_ND)
         )
 
     def forward(
