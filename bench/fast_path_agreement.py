@@ -26,15 +26,15 @@ from dgemma.outputs import GenerationOutput
 
 PROMPTS = [
     "def fibonacci(n):",
-    "def read_lines(path):\n    \"\"\"Return the lines of a text file without newlines.\"\"\"\n",
+    'def read_lines(path):\n    """Return the lines of a text file without newlines."""\n',
     "class Stack:\n    def __init__(self):",
     "def is_prime(n: int) -> bool:",
     "import os\n\ndef list_python_files(root):",
-    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists.\"\"\"\n",
+    'def merge_sorted(a, b):\n    """Merge two sorted lists."""\n',
     "def parse_args(argv=None):",
     "def flatten(nested):",
     "def chunks(items, size):",
-    "def word_count(text):\n    \"\"\"Count each word in text.\"\"\"\n",
+    'def word_count(text):\n    """Count each word in text."""\n',
     "class Vector:\n    def __init__(self, x, y):",
     "def gcd(a, b):",
 ]

@@ -569,7 +569,9 @@ def plot(record: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(counts, [canv[f"step_ms_{n}_canvases"] for n in counts], "o-", label="dgemma denoise step")
     if copy:
-        floor = record["weights_gb"] / (copy / 2) * 1e3  # copy counts read + write; a step only reads
+        # the copy's rate counts bytes read and written (all the traffic HBM moved); a step reads
+        # every weight once
+        floor = record["weights_gb"] / copy * 1e3
         ax.axhline(floor, color="gray", linestyle="--", label=f"roofline: weights once ({floor:.1f} ms)")
     ax.set_xlabel("canvases per step")
     ax.set_ylabel("ms per step")
