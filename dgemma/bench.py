@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dgemma.engine.generate import Engine, Request
+from dgemma.engine.generate import GPU_LOGIT_ROWS, Engine, Request
 from dgemma.model.config import ModelConfig, parameter_counts
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.presets import release_config_dict
@@ -254,8 +254,8 @@ def bench_profile(model: DiffusionGemma, prompt_len: int, rows: int = 1, top: in
 
     def step():
         hidden = model.denoise_static(canvas, soft, cache, rows_t, starts)
-        for lo in range(0, rows, 4):
-            n = min(4, rows - lo)
+        for lo in range(0, rows, GPU_LOGIT_ROWS):  # in the engine's groups
+            n = min(GPU_LOGIT_ROWS, rows - lo)
             outcomes = sample_steps(
                 model.logits(hidden[lo : lo + n]),
                 list(canvas[lo : lo + n]),

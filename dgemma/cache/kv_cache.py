@@ -91,6 +91,15 @@ class KVCache:
         idx = torch.tensor(rows, device=self.device)
         return self.keys[layer][idx, :, :length], self.values[layer][idx, :, :length]
 
+    def gather(
+        self, layer: int, rows_B: torch.Tensor, pos_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [B, K, S, E] at positions pos_BS of rows rows_B (device tensors: no host sync)."""
+        # advanced indices around a slice put their broadcast dims first: [B, S, K, E]
+        k = self.keys[layer][rows_B[:, None], :, pos_BS]
+        v = self.values[layer][rows_B[:, None], :, pos_BS]
+        return k.transpose(1, 2), v.transpose(1, 2)
+
     def read_row(self, layer: int, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [1, K, end - start, E] of one row's positions start..end-1 (a view, no copy)."""
         return self.keys[layer][row : row + 1, :, start:end], self.values[layer][row : row + 1, :, start:end]

@@ -113,35 +113,23 @@ def sample_step(
 ) -> StepOutcome:
     """Steps 2-4 and 6 for one canvas, drawing from its own generator in the reference's order
     (one multinomial over the canvas, then one uniform canvas for renoising)."""
-    tempered = logits_CV[None] / temp  # a 0-d CPU tensor works as a scalar on any device
-    probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
-    vocab = probs.shape[-1]
-    sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(1, -1)
-    argmax = tempered.argmax(dim=-1)
-    h = entropy(tempered)
-    keep = sampler.accept(tempered, h)
-    noise = random_canvas(canvas_C.shape[-1], vocab, generator, canvas_C.device)
-    next_canvas = torch.where(keep, sampled, noise)
-    return StepOutcome(
-        next_canvas=next_canvas,
-        argmax=argmax,
-        tempered=tempered,
-        accepted=int(keep.sum()),
-        mean_entropy=h.mean(),
-    )
+    return sample_steps(
+        logits_CV[None], [canvas_C], temps=[temp], samplers=[sampler], generators=[generator]
+    )[0]
 
 
 def sample_steps(
     logits_GCV: torch.Tensor,
     canvases: list[torch.Tensor],
     *,
-    temps: list[torch.Tensor],
+    temps: list[torch.Tensor | float],
     samplers: list[Sampler],
     generators: list[torch.Generator | None],
 ) -> list[StepOutcome]:
-    """`sample_step` for G canvases at once: one softmax, argmax and entropy pass over the group (the
-    vocabulary-wide work), per-canvas draws from each canvas's own generator in the same order as
-    `sample_step` (so the outcome of a canvas does not depend on the others in the group)."""
+    """Steps 2-4 and 6 for G canvases at once: one softmax, argmax and entropy pass over the group (the
+    vocabulary-wide work), then each canvas draws from its own generator in the reference's order (one
+    multinomial over the canvas, then one uniform canvas for renoising), so the outcome of a canvas does
+    not depend on the others in the group."""
     temp_G = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in temps]).to(logits_GCV.device)
     tempered = logits_GCV / temp_G[:, None, None]
     probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
@@ -149,13 +137,13 @@ def sample_steps(
     argmax = tempered.argmax(dim=-1)
     h = entropy(tempered)
     mean_h = h.mean(dim=-1)
-    outcomes, keeps = [], []
+    next_canvases, keeps = [], []
     for j, (canvas_C, sampler, generator) in enumerate(zip(canvases, samplers, generators)):
         sampled = torch.multinomial(probs[j], num_samples=1, generator=generator).view(1, -1)
         keep = sampler.accept(tempered[j : j + 1], h[j : j + 1])
         noise = random_canvas(canvas_C.shape[-1], vocab, generator, canvas_C.device)
         keeps.append(keep)
-        outcomes.append((torch.where(keep, sampled, noise), j))
+        next_canvases.append(torch.where(keep, sampled, noise))
     accepted = torch.cat(keeps).sum(dim=-1).tolist()  # one host synchronisation for the group
     return [
         StepOutcome(
@@ -165,7 +153,7 @@ def sample_steps(
             accepted=accepted[j],
             mean_entropy=mean_h[j],
         )
-        for next_canvas, j in outcomes
+        for j, next_canvas in enumerate(next_canvases)
     ]
 
 

@@ -38,6 +38,8 @@ from dgemma.outputs import Draft, GenerationOutput, GenerationStats, StreamEvent
 from dgemma.params import DEFAULT_MAX_NEW_TOKENS, ResolvedParams
 from dgemma.text.stream import TextStream
 
+GPU_LOGIT_ROWS = 4  # canvases whose fp32 logits [C, V] a step holds at once on the GPU
+
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
@@ -160,7 +162,7 @@ class Engine:
         self.runner = DenoiseRunner(model, self.cache, graphs=graphs)
         # the head's fp32 logits are [rows, C, V]: on the GPU a few rows at a time, so memory per step
         # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
-        self.logit_rows = 4 if model.device.type == "cuda" else slots
+        self.logit_rows = GPU_LOGIT_ROWS if model.device.type == "cuda" else slots
         self.free: list[int] = list(range(slots))
         self.waiting: deque[_Row] = deque()
         self.active: list[_Row] = []

@@ -142,6 +142,16 @@ class Attention(nn.Module):
             outs.append(self.attend(q[i : i + 1], k_row, v_row))  # everything visible: no mask
         return self.linear("o_proj", torch.cat(outs).reshape(b, c, -1), denoise=True)
 
+    def prefix_positions(self, starts_B: torch.Tensor, num_new: int, max_length: int) -> torch.Tensor:
+        """Cache positions [B, S] the static paths read for each row: a sliding layer, the `window - 1`
+        positions before the row's prefix end plus `num_new` after it (positions before 0 included: the
+        caller masks them); a full layer, the whole cache."""
+        device = starts_B.device
+        if self.spec.window is None:
+            return torch.arange(max_length, device=device).expand(starts_B.shape[0], -1)
+        span = self.spec.window - 1
+        return starts_B[:, None] - span + torch.arange(span + num_new, device=device)
+
     def denoise_static(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,
                        starts_B: torch.Tensor):  # fmt: skip
         """`denoise` with rows and prefix lengths as device tensors and shapes fixed by the cache alone,
@@ -151,18 +161,9 @@ class Attention(nn.Module):
         masked); a full layer reads the row's whole cache, masked past its prefix."""
         q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         b, c, _ = x_BCD.shape
-        device = x_BCD.device
-        if self.spec.window is not None:
-            span = self.spec.window - 1
-            pos_BS = starts_B[:, None] - span + torch.arange(span, device=device)
-            visible_BS = pos_BS >= 0
-            pos_BS = pos_BS.clamp(min=0)
-        else:
-            pos_BS = torch.arange(cache.max_length, device=device).expand(b, -1)
-            visible_BS = pos_BS < starts_B[:, None]
-        # advanced indices around a slice put their broadcast dims first: [B, S, K, E]
-        k_pre = cache.keys[layer][rows_B[:, None], :, pos_BS].transpose(1, 2)
-        v_pre = cache.values[layer][rows_B[:, None], :, pos_BS].transpose(1, 2)
+        pos_BS = self.prefix_positions(starts_B, 0, cache.max_length)
+        visible_BS = (pos_BS >= 0) & (pos_BS < starts_B[:, None])
+        k_pre, v_pre = cache.gather(layer, rows_B, pos_BS.clamp(min=0))
         k_all = torch.cat([k_pre, k.transpose(1, 2).to(k_pre.dtype)], dim=2)
         v_all = torch.cat([v_pre, v.transpose(1, 2).to(v_pre.dtype)], dim=2)
         mask = torch.cat([visible_BS, visible_BS.new_ones(b, c)], dim=1)[:, None, None, :]
@@ -176,16 +177,11 @@ class Attention(nn.Module):
         the cache's end are clamped (only the engine's scratch row, which pads a batch, reaches them)."""
         q, k, v = self.project(x_BTD, cos, sin, denoise=False)
         b, t, _ = x_BTD.shape
-        device, last = x_BTD.device, cache.max_length - 1
-        q_pos_BT = starts_B[:, None] + torch.arange(t, device=device)
+        last = cache.max_length - 1
+        q_pos_BT = starts_B[:, None] + torch.arange(t, device=x_BTD.device)
         cache.write(layer, (rows_B[:, None], q_pos_BT.clamp(max=last)), k, v)
-        if self.spec.window is not None:
-            span = self.spec.window - 1 + t
-            k_pos_BS = starts_B[:, None] - (self.spec.window - 1) + torch.arange(span, device=device)
-        else:
-            k_pos_BS = torch.arange(cache.max_length, device=device).expand(b, -1)
-        k_pre = cache.keys[layer][rows_B[:, None], :, k_pos_BS.clamp(0, last)].transpose(1, 2)
-        v_pre = cache.values[layer][rows_B[:, None], :, k_pos_BS.clamp(0, last)].transpose(1, 2)
+        k_pos_BS = self.prefix_positions(starts_B, t, cache.max_length)
+        k_pre, v_pre = cache.gather(layer, rows_B, k_pos_BS.clamp(0, last))
         visible = (k_pos_BS >= 0)[:, None, :] & self.causal_mask(q_pos_BT[:, :, None], k_pos_BS[:, None, :])
         out = self.attend(q, k_pre, v_pre, visible[:, None])
         return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
