@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser(
         "finetune",
         help="fine-tune on a JSONL file (LoRA by default, or --full) with the diffusion objective",
-        description='Records: {"text": ...} (continuation) or {"messages": [...]} (chat SFT through '
-        "the model's chat template). Writes OUT/model (HF layout; LoRA merged) and, with LoRA, "
+        description='Records: {"text": ...} (continuation), {"messages": [...]} (chat SFT through '
+        'the model\'s chat template) or {"prompt": ..., "completion": ...} (completion SFT). '
+        "Writes OUT/model (HF layout; LoRA merged) and, with LoRA, "
         "OUT/adapter (PEFT layout); checkpoints go to OUT/trainer_state (continue with --resume).",
     )
     ft.add_argument("--model", default=None, help="checkpoint to start from (default: the embedded model)")

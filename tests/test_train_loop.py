@@ -37,10 +37,11 @@ def test_malformed_lines_are_named_and_skipped(tmp_path, text_tools, caplog):
             json.dumps({"text": "def add(a, b):\n    return a + b\n"}),
             "{not json",
             json.dumps([1, 2]),
-            json.dumps({"prompt": "x"}),
+            json.dumps({"code": "x"}),
             "",
             json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
             json.dumps({"text": "for i in range(3):\n    print(i)\n"}),
+            json.dumps({"prompt": "def f():\n", "completion": ""}),
         ],
     )
     with caplog.at_level(logging.WARNING, logger="dgemma"):
@@ -50,8 +51,9 @@ def test_malformed_lines_are_named_and_skipped(tmp_path, text_tools, caplog):
     for line, what in [
         (2, "not valid JSON"),
         (3, "expected a JSON object"),
-        (4, "a record needs a 'text'"),
+        (4, "a record needs a 'text' string, a 'messages' list, or 'prompt' and 'completion' strings"),
         (6, "'messages' must list at least one"),
+        (8, "'completion' must be a non-empty string"),
     ]:
         assert f"d.jsonl:{line}: {what}" in messages
     with pytest.raises(DataError, match=r"no usable training examples \(1 malformed records, first: .*:1:"):
@@ -79,6 +81,21 @@ def test_chat_prompt_is_masked_and_answer_ends_at_the_turn_end(tmp_path, text_to
     answer = example.token_ids[example.response_start :]
     assert answer[-1] == 4 and 4 not in answer[:-1]  # cut at the template's turn end, an EOS id
     assert tokenizer.decode(answer).startswith("def f(): pass")
+
+
+def test_prompt_completion_records_mask_the_prompt_and_align_canvases_to_its_end(tmp_path, text_tools):
+    tokenizer, _ = text_tools
+    record = {"prompt": "def add(a, b):\n", "completion": "    return a + b\n"}
+    (example,) = load_examples([write_lines(tmp_path / "p.jsonl", [json.dumps(record)])],
+                               tokenizer=tokenizer, template=None, ids=IDS, max_length=64)  # fmt: skip
+    prompt_ids = [IDS.bos, *tokenizer.encode(record["prompt"], add_special_tokens=False)]
+    assert list(example.token_ids[: len(prompt_ids)]) == prompt_ids  # encoded as inference encodes a prompt
+    assert example.response_start == example.loss_start == len(prompt_ids) and not example.random_start
+    answer = example.token_ids[example.response_start :]
+    assert answer[-1] == IDS.eos and tokenizer.decode(answer[:-1]) == record["completion"]
+    with pytest.raises(DataError, match="longer than max_length 8"):
+        load_examples([write_lines(tmp_path / "long.jsonl", [json.dumps(record)])],
+                      tokenizer=tokenizer, template=None, ids=IDS, max_length=8)  # fmt: skip
 
 
 def test_long_text_is_windowed(tmp_path, text_tools):

@@ -3,8 +3,10 @@
 A line is `{"text": ...}` (continuation: BOS + text + EOS, cut into windows of `max_length`; the target
 canvas may start anywhere) or `{"messages": [...]}` (chat SFT: the last message is the assistant's
 answer; the conversation before it, rendered by the model's chat template with the generation prompt,
-is the prompt and is masked out of the loss). Malformed lines are reported with their line number and
-skipped, so one bad line does not lose a run.
+is the prompt and is masked out of the loss) or `{"prompt": ..., "completion": ...}` (plain-text
+completion SFT: BOS + prompt + completion + EOS, the prompt masked out of the loss and the canvases
+tiling the completion from the prompt's end, as inference places them). Malformed lines are reported
+with their line number and skipped, so one bad line does not lose a run.
 """
 
 from __future__ import annotations
@@ -58,7 +60,26 @@ def record_examples(
         ]
     if "messages" in record:
         return [_chat_example(record["messages"], tokenizer, template, ids, max_length)]
-    raise ValueError("a record needs a 'text' string or a 'messages' list")
+    if "prompt" in record or "completion" in record:
+        return [_completion_example(record, tokenizer, ids, max_length)]
+    raise ValueError(
+        "a record needs a 'text' string, a 'messages' list, or 'prompt' and 'completion' strings"
+    )
+
+
+def _completion_example(record: dict, tokenizer: Tokenizer, ids: TokenIds, max_length: int) -> Example:
+    """BOS + prompt + completion + EOS, tokenized as inference sees them (the prompt alone, as
+    `LLM.generate` encodes a text prompt; the completion as the tokens that follow it). The canvases tile
+    the completion from the prompt's end and both losses skip the prompt."""
+    for key in ("prompt", "completion"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise ValueError(f"'{key}' must be a non-empty string")
+    prompt_ids = [ids.bos, *tokenizer.encode(record["prompt"], add_special_tokens=False)]
+    completion_ids = tokenizer.encode(record["completion"], add_special_tokens=False)
+    token_ids = (*prompt_ids, *completion_ids, ids.eos)
+    if len(token_ids) > max_length:
+        raise ValueError(f"{len(token_ids)} tokens, longer than max_length {max_length}")
+    return Example(token_ids=token_ids, response_start=len(prompt_ids), loss_start=len(prompt_ids))
 
 
 def _chat_example(messages, tokenizer, template, ids: TokenIds, max_length: int) -> Example:

@@ -1,7 +1,8 @@
 """`dgemma finetune`: full or LoRA fine-tuning of a checkpoint on a JSONL file, end to end.
 
 Reads the checkpoint (weights, tokenizer, chat template, generation config), the data (`{"text": ...}`
-records for continuation, `{"messages": [...]}` for chat SFT through the template; malformed lines are
+records for continuation, `{"messages": [...]}` for chat SFT through the template, `{"prompt": ...,
+"completion": ...}` for plain-text completion SFT; malformed lines are
 reported by file:line and skipped), holds out an eval split, trains with `Trainer` (atomic checkpoints
 in OUT/trainer_state, exact `--resume`), and writes:
 
