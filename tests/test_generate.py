@@ -204,3 +204,18 @@ def test_research_api_surface(llm):
         model.encode(torch.zeros(2, 3), cache)
     with pytest.raises(CapacityError, match="exceeds the model's context"):
         model.new_cache(batch_size=1, max_length=10**6)
+
+
+def test_batched_autoregressive_decoding_equals_one_prompt_at_a_time(llm):
+    from dgemma.engine.autoregressive import generate_autoregressive, generate_autoregressive_batch
+
+    gen = torch.Generator().manual_seed(3)
+    # ragged lengths, two of them past the sliding window (8), so rows feed prompt and predicted tokens
+    prompts = [[2, *torch.randint(5, 300, (n,), generator=gen).tolist()] for n in (2, 11, 5, 23)]
+    eos = [1, 45]  # 45: the token these random weights repeat after the second prompt, so it stops at once
+    batched = generate_autoregressive_batch(llm.model, prompts, max_new_tokens=12, eos_token_ids=eos)
+    single = [generate_autoregressive(llm.model, p, max_new_tokens=12, eos_token_ids=eos) for p in prompts]
+    assert batched == single
+    assert [len(a) for a in batched] == [12, 0, 12, 12]
+    with pytest.raises(RequestError, match="at least one token"):
+        generate_autoregressive_batch(llm.model, [[2], []], max_new_tokens=4, eos_token_ids=eos)
