@@ -11,7 +11,9 @@ Steps are fixed (the stop test is switched off) so the numbers do not depend on 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dgemma.bench_transformers import bench_transformers, ratios
 from dgemma.engine.generate import GPU_LOGIT_ROWS, Engine, Request
 from dgemma.model.config import ModelConfig, parameter_counts
 from dgemma.model.diffusion_gemma import DiffusionGemma
@@ -440,12 +443,9 @@ def versions() -> dict:
     import dgemma
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
+    for name in ("triton", "transformers"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
     out["dgemma"] = dgemma.__version__
     return out
 
@@ -501,7 +501,7 @@ def run_bench(
                 record[name] = fn()
         except Exception as exc:  # report and go on: one failing section must not lose the others
             logger.exception("section %s failed", name)
-            record[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            record[name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
         record.setdefault("section_s", {})[name] = round(time.perf_counter() - began, 1)
         if on_section is not None:
             on_section(record)
@@ -520,7 +520,15 @@ def run_bench(
     for key in ("denoise_step_ms", "canvas16_ms", "canvas13_ms", "prefill512_ms"):
         if key in flat:
             record[key] = flat[key]
+    # last, and outside the peak memory above: the reference's full-vocabulary fp32 buffers are its own
+    section("transformers", lambda: _bench_reference(model, prompt_len, steps))
+    if isinstance(record.get("transformers"), dict) and "error" not in record["transformers"]:
+        record["transformers_ratios"] = ratios(record)
     return record
+
+
+def _bench_reference(model: DiffusionGemma, prompt_len: int, steps: Sequence[int]) -> dict:
+    return bench_transformers(model, list(random_prompt(model, prompt_len, 3)), steps=tuple(steps))
 
 
 def summary_rows(record: dict) -> list[tuple[str, str]]:
@@ -528,9 +536,11 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     for key in ("denoise_step_ms", "canvas13_ms", "canvas16_ms", "prefill512_ms", "peak_memory_gb"):
         if key in record:
             rows.append((key, str(record[key])))
-    for name in ("first_canvas", "single", "canvases", "memory", "correctness"):
+    for name in ("first_canvas", "single", "canvases", "memory", "correctness", "transformers"):
         for key, value in (record.get(name) or {}).items():
             rows.append((f"{name}.{key}", str(value)))
+    for key, value in (record.get("transformers_ratios") or {}).items():
+        rows.append((f"transformers / dgemma {key}", f"{value}x"))
     for name in ("profile", "profile8"):
         prof = record.get(name) or {}
         if "cuda_ms_total" in prof:

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which sections to run (comma list)",
     )
     bench.add_argument("--reps", type=int, default=3, help="timed canvases per measurement")
+    bench.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also time transformers' DiffusionGemmaForBlockDiffusion (eager and compiled) on the same "
+        "weights, last, and print the ratios (needs transformers installed; the compile takes minutes)",
+    )
     bench.add_argument("--json", default=None, help="write the record here (updated after each section)")
     bench.add_argument("--plot", default=None, help="PNG of step time against the roofline")
     bench.add_argument("-v", "--verbose", action="store_true")
@@ -261,7 +267,8 @@ def _bench(args) -> int:
         canvases=_int_list(args.canvases, "--canvases"),
         streams=_int_list(args.streams, "--streams"),
         stream_canvases=args.stream_canvases,
-        sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+        sections=[s.strip() for s in args.sections.split(",") if s.strip()]
+        + (["transformers"] if args.compare_transformers else []),
         reps=args.reps,
         on_section=save,
     )
