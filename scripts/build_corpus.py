@@ -71,18 +71,26 @@ def definitions(tree: ast.Module, text: str) -> list[tuple[str, str]]:
     return out
 
 
-def signature_prompt(tree: ast.Module, text: str) -> str | None:
-    """A function's signature line(s) and docstring, as a completion prompt."""
+def function_prompts(tree: ast.Module, text: str, *, docstring: bool = True):
+    """(name, prompt) of each top-level undecorated function with a body beyond its docstring: the
+    signature line(s) and the docstring, or (docstring=False) the signature alone of functions without
+    one. The prompts a code-completion model is asked to continue."""
     lines = text.splitlines(keepends=True)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.col_offset == 0 and ast.get_docstring(node):
-            doc = node.body[0]
-            if not isinstance(doc, ast.Expr) or len(node.body) < 2 or node.decorator_list:
-                continue
-            prompt = "".join(lines[node.lineno - 1 : doc.end_lineno])
-            if 40 < len(prompt) < 1200:
-                return prompt
-    return None
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.decorator_list:
+            continue
+        has_doc = ast.get_docstring(node) is not None
+        if has_doc != docstring or (has_doc and len(node.body) < 2):
+            continue
+        end = node.body[0].end_lineno if has_doc else node.body[0].lineno - 1
+        prompt = "".join(lines[node.lineno - 1 : end])
+        if 40 < len(prompt) < 1200 and prompt.endswith("\n"):
+            yield node.name, prompt
+
+
+def signature_prompt(tree: ast.Module, text: str) -> str | None:
+    """The first function's signature line(s) and docstring, as an evaluation prompt."""
+    return next((prompt for _, prompt in function_prompts(tree, text)), None)
 
 
 def main() -> int:

@@ -103,10 +103,18 @@ def train_tokenizer(corpus: Path, vocab_size: int):
     return train_bpe(texts(corpus / "train.jsonl"), vocab_size=vocab_size, special_tokens=SPECIALS)
 
 
+def mix(corpus: list, completions: list, share: float) -> list:
+    """One list to draw from uniformly, in which about `share` of the draws are completion examples."""
+    if not 0 < share < 1:
+        raise SystemExit(f"--completion-share must be in (0, 1), got {share}")
+    copies = max(1, round(share / (1 - share) * len(corpus) / len(completions)))
+    return corpus + completions * copies
+
+
 def generation_config() -> dict:
     config = {
         **RELEASE_GENERATION_CONFIG,
-        "max_denoising_steps": 32,
+        "max_denoising_steps": 12,
         "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
         "eos_token_id": [EOS],
     }
@@ -126,6 +134,13 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init-from", type=Path, default=None, help="an exported model to continue from")
     parser.add_argument("--max-train-files", type=int, default=None)
+    parser.add_argument(
+        "--completions", type=Path, default=None,
+        help="prompt/completion JSONL (scripts/build_completion_data.py) mixed into the corpus",
+    )  # fmt: skip
+    parser.add_argument(
+        "--completion-share", type=float, default=0.5, help="share of draws from --completions"
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--profile", action="store_true", help="print the top ops of two steps first")
     args = parser.parse_args()
@@ -150,6 +165,14 @@ def main() -> int:
     )
     if args.max_train_files:
         train = train[: args.max_train_files]
+    if args.completions is not None:
+        completions = load_examples(
+            [args.completions], tokenizer=tokenizer, template=None, ids=ids, max_length=MAX_LENGTH
+        )
+        train = mix(train, completions, args.completion_share)
+        print(
+            f"completions: {len(completions)} examples, {args.completion_share:.0%} of the draws", flush=True
+        )
     n_tokens = sum(len(e.token_ids) for e in train)
     print(f"examples: {len(train)} train ({n_tokens / 1e6:.1f}M tokens), {len(heldout)} held out "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip

@@ -1,0 +1,118 @@
+"""Write function-completion training data for the default model: the model's own autoregressive answers.
+
+    python scripts/build_completion_data.py MODEL_DIR CORPUS_DIR OUT.jsonl [--max-prompts N]
+
+Sequence-level knowledge distillation (Kim & Rush 2016, arXiv 1606.07947), the standard cure for the
+incoherent text of parallel (non-autoregressive) decoders (Gu et al. 2018, arXiv 1711.02281): a parallel
+decoder trained on real text must spread its bets over the many ways a function can be written, and
+committing many tokens at once mixes those ways; trained on one deterministic teacher's outputs it has
+one way to learn. The teacher here is the same weights decoding greedily through the encoder path (the
+encoder loss makes them an autoregressive model), so no other model is involved.
+
+Prompts are the top-level functions of the corpus's *training* files (signature and docstring, or the
+signature alone), never the held-out files the evaluation prompts come from. A teacher answer is kept
+when the function ends within the token budget (a line back at column 0, or an EOS) and the function
+then parses with `ast.parse`; the record is `{"prompt", "completion", "source"}`, the completion being
+the function's body, which `dgemma.train.data` turns into canvases aligned to the prompt's end, with an
+EOS after the body. Ends with one JSON line of counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from build_corpus import function_prompts
+from eval_default_model import parses
+
+from dgemma import LLM
+from dgemma.engine.autoregressive import generate_autoregressive_batch
+
+
+def training_prompts(corpus: Path, limit: int | None) -> list[tuple[str, str]]:
+    """(prompt, source) from whole training files (not their per-definition records), deduplicated."""
+    seen, out = set(), []
+    with open(corpus / "train.jsonl") as f:
+        for line in f:
+            record = json.loads(line)
+            if "::" in record["source"]:
+                continue  # a definition record: its function is also in the file's record
+            text = record["text"]
+            tree = ast.parse(text)
+            for docstring in (True, False):
+                for name, prompt in function_prompts(tree, text, docstring=docstring):
+                    if prompt not in seen:
+                        seen.add(prompt)
+                        out.append((prompt, f"{record['source']}::{name}"))
+            if limit and len(out) >= limit:
+                return out[:limit]
+    return out
+
+
+def function_body(completion: str, ended_by_eos: bool) -> str | None:
+    """The completion up to the first line back at column 0, or None when the function does not end
+    within it (the budget ran out first) or adds no body."""
+    body, ended = [], ended_by_eos
+    for line in completion.splitlines(keepends=True):
+        if line.strip() and not line[0].isspace():
+            ended = True
+            break
+        body.append(line)
+    text = "".join(body).rstrip() + "\n"
+    return text if ended and text.strip() else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    llm = LLM(args.model, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    eos = llm.defaults.eos_token_ids
+    t0 = time.perf_counter()
+    prompts = training_prompts(args.corpus, args.max_prompts)
+    ids = [llm.tokenize(p) for p, _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar lengths batch together
+    kept = unended = unparsed = 0
+    with open(args.out, "w") as out:
+        for n, start in enumerate(range(0, len(order), args.batch_size)):
+            chunk = order[start : start + args.batch_size]
+            answers = generate_autoregressive_batch(
+                llm.model, [ids[i] for i in chunk], max_new_tokens=args.max_new_tokens, eos_token_ids=eos
+            )
+            for i, answer in zip(chunk, answers):
+                prompt, source = prompts[i]
+                body = function_body(llm.tokenizer.decode(answer), len(answer) < args.max_new_tokens)
+                if body is None:
+                    unended += 1
+                elif not parses(prompt + body):
+                    unparsed += 1
+                else:
+                    kept += 1
+                    out.write(json.dumps({"prompt": prompt, "completion": body, "source": source}) + "\n")
+            print(f"batch {n + 1}: {start + len(chunk)}/{len(order)} prompts, {kept} kept "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps({
+        "prompts": len(prompts), "kept": kept, "unended": unended, "unparsed": unparsed,
+        "seconds": round(time.perf_counter() - t0, 1), "device": device,
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
