@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from dgemma.bench_transformers import bench_transformers, ratios
+from dgemma.denoise.sampler import EntropyBoundSampler, temperature
 from dgemma.engine.generate import GPU_LOGIT_ROWS, Engine, Request
+from dgemma.engine.vocab import VocabStage
 from dgemma.model.config import ModelConfig, parameter_counts
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.presets import release_config_dict
@@ -206,7 +208,58 @@ def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
     return {
         "logits_rel_err": rel_err(fast, ref),
         "argmax_agreement": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
-        "prefill_last_layer_keys_rel_err": rel_err(fast_cache.keys[-1][0], ref_cache.keys[-1][0]),
+        # the prompt's positions (past them the fast path's scratch holds the canvas's K/V)
+        "prefill_last_layer_keys_rel_err": rel_err(
+            fast_cache.keys[-1][0, :, :prompt_len], ref_cache.keys[-1][0, :, :prompt_len]
+        ),
+    }
+
+
+def _vocab_fused_vs_spec(model: DiffusionGemma, prompt_len: int, canvases: int = 4) -> dict:
+    """The vocabulary stage on real hidden states of the fast path: the fused Triton passes vs the spec
+    (fp32 logits, torch softmaxes, torch.multinomial), same generators (so the same sampling noise)."""
+    c = model.config.canvas_length
+    cache = model.new_cache(batch_size=1, max_length=prompt_len)
+    model.encode(torch.tensor([random_prompt(model, prompt_len, 1)], device=model.device), cache)
+    ids = torch.tensor([random_prompt(model, c, 10 + i) for i in range(canvases)], device=model.device)
+    hidden = torch.cat([model.denoise_hidden(ids[i : i + 1], cache) for i in range(canvases)])
+    temps = [temperature(s, 16, 0.4, 0.8) for s in range(16, 16 - canvases, -1)]
+    vocab = VocabStage(model)
+
+    def run():
+        return vocab.sample(
+            hidden,
+            list(ids),
+            temps=temps,
+            samplers=[EntropyBoundSampler(0.5)] * canvases,
+            generators=[torch.Generator(model.device).manual_seed(i) for i in range(canvases)],
+        )
+
+    fused = run()
+    model.use_kernels = False
+    try:
+        spec = run()
+    finally:
+        model.use_kernels = True
+
+    def cat(outcomes, name):
+        return torch.cat([getattr(o, name).reshape(1, -1) for o in outcomes])
+
+    accepted = torch.tensor([[int(o.accepted) for o in outcomes] for outcomes in (fused, spec)])
+    return {
+        "canvases": canvases,
+        "argmax_agreement": float((cat(fused, "argmax") == cat(spec, "argmax")).float().mean()),
+        # accepted positions carry the sampled token: equal where both paths accepted them
+        "next_canvas_agreement": float(
+            (cat(fused, "next_canvas") == cat(spec, "next_canvas")).float().mean()
+        ),
+        "accepted_fused": accepted[0].tolist(),
+        "accepted_spec": accepted[1].tolist(),
+        "mean_entropy_abs_err": float((cat(fused, "mean_entropy") - cat(spec, "mean_entropy")).abs().max()),
+        "soft_embedding_rel_err": rel_err(
+            model.expected_embedding(torch.cat([o.signal for o in fused])),
+            model.expected_embedding(torch.cat([o.signal for o in spec])),
+        ),
     }
 
 
@@ -229,6 +282,8 @@ def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     layer.experts.use_kernel = True
     out["experts_layer_bf16_rel_err"] = rel_err(got, want)
     out["full_model_bf16"] = _fast_vs_pure(model, prompt_len)
+    with torch.inference_mode():
+        out["vocab_fused_vs_spec_bf16"] = _vocab_fused_vs_spec(model, prompt_len)
     small = release_config_dict()
     small["text_config"].update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
     two = DiffusionGemma.random(ModelConfig.from_dict(small), device="cuda", dtype=torch.float32, seed=1)
@@ -243,8 +298,6 @@ def bench_profile(model: DiffusionGemma, prompt_len: int, rows: int = 1, top: in
     kernels), the head and the sampler step: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dgemma.denoise.sampler import EntropyBoundSampler, sample_steps
-
     c = model.config.canvas_length
     cache = model.new_cache(batch_size=rows, max_length=prompt_len)
     for row in range(rows):
@@ -254,19 +307,20 @@ def bench_profile(model: DiffusionGemma, prompt_len: int, rows: int = 1, top: in
     rows_t = torch.arange(rows, device="cuda")
     starts = torch.full((rows,), prompt_len, device="cuda")
     gens = [torch.Generator("cuda").manual_seed(row) for row in range(rows)]
+    vocab = VocabStage(model)
 
     def step():
         hidden = model.denoise_static(canvas, soft, cache, rows_t, starts)
         for lo in range(0, rows, GPU_LOGIT_ROWS):  # in the engine's groups
             n = min(GPU_LOGIT_ROWS, rows - lo)
-            outcomes = sample_steps(
-                model.logits(hidden[lo : lo + n]),
+            outcomes = vocab.sample(
+                hidden[lo : lo + n],
                 list(canvas[lo : lo + n]),
                 temps=[torch.tensor(0.6)] * n,
                 samplers=[EntropyBoundSampler(0.1)] * n,
                 generators=gens[lo : lo + n],
             )
-            model.soft_embedding(torch.cat([o.tempered for o in outcomes]).to(model.dtype))
+            model.expected_embedding(torch.cat([o.signal for o in outcomes]))
 
     step()
     sync()
@@ -361,6 +415,13 @@ def bench_single(model: DiffusionGemma, prompt_len: int, steps_list: Sequence[in
     )
     hidden = engine.runner.hidden([canvas], [None], [0], [prompt_len]).clone()
     out["head_ms"] = median(timed_ms(lambda: model.logits(hidden), reps=10))
+    sampler, gen = EntropyBoundSampler(0.5), torch.Generator(model.device).manual_seed(0)
+
+    def vocab_step():
+        engine.vocab.sample(hidden, [canvas[0]], temps=[0.6], samplers=[sampler], generators=[gen])
+
+    with torch.inference_mode():
+        out["vocab_stage_ms"] = median(timed_ms(vocab_step, reps=10))
     del engine
     for steps in steps_list:
         # canvases 2..reps+1 are timed: the first warms up (graph capture), the last is never committed

@@ -155,3 +155,44 @@ def test_rms_norm_kernel_matches_the_torch_norm(with_scale):
     x = torch.randn(3, 5, 48) * 3
     with torch.no_grad():
         torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), norm(x), rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
+    """The Triton vocabulary passes against the spec (fp32 logits, torch softmaxes, torch.multinomial)
+    on the same hidden states with the same generators: identical argmax, draws, acceptance and next
+    canvas; entropy and the self-conditioning signal to rounding. Tiles shrunk so that a row spans
+    several programs and a masked tail."""
+    import dgemma.ops.vocab as ops
+    from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler
+    from dgemma.engine.vocab import VocabStage
+
+    monkeypatch.setattr(ops, "BLOCK", 32)
+    monkeypatch.setattr(ops, "SPLIT", 96)  # vocabulary 384: 4 programs a row
+    model, _ = model_and_cache([5])
+    model = model.to(dtype)
+    c, d = model.config.canvas_length, model.config.hidden_size
+    gen = torch.Generator().manual_seed(7)
+    hidden = (torch.randn(3, c, d, generator=gen) * torch.tensor([0.5, 4.0, 40.0])[:, None, None]).to(dtype)
+    canvases = list(torch.randint(0, 384, (3, c), generator=gen))
+    temps = [0.8, torch.tensor(0.55), 0.41]
+    samplers = [EntropyBoundSampler(0.5), EntropyBoundSampler(2.0), ConfidenceSampler(0.6)]
+    stage = VocabStage(model)
+
+    def run(fn):
+        gens = [torch.Generator().manual_seed(100 + j) for j in range(3)]
+        with torch.inference_mode():
+            return fn(hidden, canvases, temps=temps, samplers=samplers, generators=gens)
+
+    fused, spec = run(stage.fused), run(stage.sample)  # on CPU, `sample` is the spec
+    for f, s in zip(fused, spec):
+        assert torch.equal(f.argmax, s.argmax)
+        assert torch.equal(f.next_canvas, s.next_canvas)
+        assert int(f.accepted) == int(s.accepted) > 0
+        torch.testing.assert_close(f.mean_entropy, s.mean_entropy, rtol=1e-5, atol=1e-5)
+        assert f.signal.dtype == s.signal.dtype == dtype
+        # the same softmax of the same rounded logits: equal but for the last bit of a few entries
+        rtol = 1e-4 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(f.signal, s.signal, rtol=rtol, atol=1e-7)
+    assert 0 < int(spec[0].accepted) < c  # some positions accepted, some renoised: both branches checked

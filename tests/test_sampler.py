@@ -48,9 +48,15 @@ def test_entropy_bound_acceptance_and_renoise_match_reference(bound):
             generator=torch.Generator().manual_seed(100 + seed),
         )
         assert torch.equal(ours.next_canvas, expected_next)
-        assert ours.accepted == int(reference.accepted_token_mask.sum())
+        assert int(ours.accepted) == int(reference.accepted_token_mask.sum())
         assert torch.equal(ours.argmax, logits.argmax(-1))
-        assert torch.equal(ours.tempered, logits)
+        # the self-conditioning signal: the softmax the reference's soft embedding takes of these logits
+        assert torch.equal(ours.signal, torch.softmax(logits, dim=-1, dtype=torch.float32))
+
+
+def stats(logits):
+    """What a sampler's `accept` takes: entropy and top probability per position."""
+    return entropy(logits), torch.softmax(logits, dim=-1).amax(dim=-1)
 
 
 def test_acceptance_is_redecided_every_step():
@@ -58,9 +64,9 @@ def test_acceptance_is_redecided_every_step():
     confident = torch.full((1, 4, 10), -10.0)
     confident[..., 0] = 10.0
     flat = torch.zeros(1, 4, 10)
-    assert sampler.accept(confident, entropy(confident)).all()
+    assert sampler.accept(*stats(confident)).all()
     # the same sampler object keeps nothing from the previous call
-    assert sampler.accept(flat, entropy(flat)).sum() == 1  # only the lowest (tied) entropy fits the bound
+    assert sampler.accept(*stats(flat)).sum() == 1  # only the lowest (tied) entropy fits the bound
 
 
 def test_entropy_matches_categorical():
@@ -97,7 +103,9 @@ def test_stop_decision_matches_reference(stability, threshold):
     for i, argmax in enumerate(argmaxes):
         logits = torch.randn(1, 4, 6, generator=gen) * (1 + 3 * i)
         expected = bool(reference(argmax, logits)[0])
-        got = ours(argmax, entropy(logits).mean())
+        # fed as the engine feeds it: unchanged since the last step, and the mean entropy read as a float
+        unchanged = i > 0 and torch.equal(argmaxes[i - 1], argmax)
+        got = ours(unchanged, entropy(logits).mean().item())
         assert got == expected, f"step {i}"
         decisions.append(got)
     if threshold == 4.0:  # entropy of 6 classes is < 1.8: only stability decides
@@ -108,12 +116,12 @@ def test_confidence_sampler_accepts_confident_positions_and_at_least_one():
     logits = torch.zeros(1, 5, 8)
     logits[0, 1, 2] = 10.0  # p ~ 0.9997
     logits[0, 3, 4] = 3.0  # p ~ 0.74
-    accepted = ConfidenceSampler(0.9).accept(logits, entropy(logits))
+    accepted = ConfidenceSampler(0.9).accept(*stats(logits))
     assert accepted.tolist() == [[False, True, False, False, False]]
-    accepted = ConfidenceSampler(0.7).accept(logits, entropy(logits))
+    accepted = ConfidenceSampler(0.7).accept(*stats(logits))
     assert accepted.tolist() == [[False, True, False, True, False]]
     flat = torch.zeros(1, 5, 8)
-    assert int(ConfidenceSampler(0.99).accept(flat, entropy(flat)).sum()) == 1
+    assert int(ConfidenceSampler(0.99).accept(*stats(flat)).sum()) == 1
 
 
 def test_step_draws_come_from_the_canvas_generator_only():

@@ -9,14 +9,13 @@ One denoise step on a canvas (reference semantics, transformers' generation_diff
   4. accepted positions keep the sampled token, all others get fresh uniform random tokens;
   5. stop when the argmax canvas is unchanged for `stability_threshold` steps and the mean entropy of
      the tempered logits is below `confidence_threshold`;
-  6. the tempered logits are the next step's self-conditioning input.
+  6. the tempered logits are the next step's self-conditioning input (through their softmax).
 Samplers are pluggable: `accept` is the only policy hook.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,10 @@ class Sampler(ABC):
     name: str
 
     @abstractmethod
-    def accept(self, tempered_BCV: torch.Tensor, entropy_BC: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, C]: positions whose sampled token is kept."""
+    def accept(self, entropy_BC: torch.Tensor, top_prob_BC: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, C]: positions whose sampled token is kept, from each position's entropy and top
+        probability under softmax(tempered logits) (what the GPU's fused vocabulary pass computes, so a
+        policy never needs the [B, C, V] logits)."""
 
 
 class EntropyBoundSampler(Sampler):
@@ -57,7 +58,7 @@ class EntropyBoundSampler(Sampler):
     def __init__(self, entropy_bound: float):
         self.entropy_bound = entropy_bound
 
-    def accept(self, tempered_BCV: torch.Tensor, entropy_BC: torch.Tensor) -> torch.Tensor:
+    def accept(self, entropy_BC: torch.Tensor, top_prob_BC: torch.Tensor) -> torch.Tensor:
         sorted_h, order = torch.sort(entropy_BC, dim=-1, descending=False)
         # sorted ascending, so the running maximum of the first k is the k-th entry itself
         keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= self.entropy_bound
@@ -73,10 +74,9 @@ class ConfidenceSampler(Sampler):
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    def accept(self, tempered_BCV: torch.Tensor, entropy_BC: torch.Tensor) -> torch.Tensor:
-        top_p_BC = torch.softmax(tempered_BCV, dim=-1).amax(dim=-1)
-        keep = top_p_BC >= self.threshold
-        best = top_p_BC.argmax(dim=-1, keepdim=True)
+    def accept(self, entropy_BC: torch.Tensor, top_prob_BC: torch.Tensor) -> torch.Tensor:
+        keep = top_prob_BC >= self.threshold
+        best = top_prob_BC.argmax(dim=-1, keepdim=True)
         return keep.scatter(-1, best, True)
 
 
@@ -94,12 +94,14 @@ def random_canvas(length: int, vocab_size: int, generator: torch.Generator | Non
 
 @dataclass(frozen=True, kw_only=True)
 class StepOutcome:
-    """What one denoise step decided for one canvas."""
+    """What one denoise step decided for one canvas (device tensors: reading them is the caller's sync)."""
 
     next_canvas: torch.Tensor  # [1, C] accepted samples, renoised elsewhere: the next step's input
     argmax: torch.Tensor  # [1, C] the draft; the committed canvas when the canvas stops
-    tempered: torch.Tensor  # [1, C, V] the next step's self-conditioning logits
-    accepted: int  # positions kept this step
+    # [1, C, V] what the next step's self-conditioning is computed from: the tempered logits here; the
+    # GPU's fused pass (engine/vocab.py) gives their softmax in the model's dtype instead
+    signal: torch.Tensor
+    accepted: torch.Tensor  # 0-d: positions kept this step
     mean_entropy: torch.Tensor  # 0-d fp32, compared in fp32 as the reference does
 
 
@@ -125,53 +127,72 @@ def sample_steps(
     temps: list[torch.Tensor | float],
     samplers: list[Sampler],
     generators: list[torch.Generator | None],
+    signal_dtype: torch.dtype = torch.float32,
 ) -> list[StepOutcome]:
     """Steps 2-4 and 6 for G canvases at once: one softmax, argmax and entropy pass over the group (the
     vocabulary-wide work), then each canvas draws from its own generator in the reference's order (one
     multinomial over the canvas, then one uniform canvas for renoising), so the outcome of a canvas does
-    not depend on the others in the group."""
+    not depend on the others in the group. The self-conditioning signal is softmax of the tempered
+    logits cast to `signal_dtype` (the embedding's), in that dtype: what the reference's soft embedding
+    multiplies by the embedding matrix."""
     temp_G = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in temps]).to(logits_GCV.device)
     tempered = logits_GCV / temp_G[:, None, None]
     probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
-    vocab = probs.shape[-1]
     argmax = tempered.argmax(dim=-1)
     h = entropy(tempered)
-    mean_h = h.mean(dim=-1)
-    next_canvases, keeps = [], []
+    top_prob = probs.amax(dim=-1)
+    draws = [torch.multinomial(p, num_samples=1, generator=g).view(1, -1) for p, g in zip(probs, generators)]
+    signal = probs
+    if signal_dtype != torch.float32:
+        signal = torch.softmax(tempered.to(signal_dtype), dim=-1, dtype=torch.float32).to(signal_dtype)
+    return decide(argmax, h, top_prob, draws, canvases, samplers, generators, signal)
+
+
+def decide(
+    argmax_GC: torch.Tensor,
+    entropy_GC: torch.Tensor,
+    top_prob_GC: torch.Tensor,
+    draws: list[torch.Tensor],
+    canvases: list[torch.Tensor],
+    samplers: list[Sampler],
+    generators: list[torch.Generator | None],
+    signal_GCV: torch.Tensor,
+) -> list[StepOutcome]:
+    """Acceptance and renoising (steps 3-4) for G canvases, given each position's statistics and each
+    canvas's sampled tokens [1, C] (drawn before: the renoising draw comes after the sampling draw)."""
+    vocab = signal_GCV.shape[-1]
+    mean_entropy_G = entropy_GC.mean(dim=-1)
+    outcomes = []
     for j, (canvas_C, sampler, generator) in enumerate(zip(canvases, samplers, generators)):
-        sampled = torch.multinomial(probs[j], num_samples=1, generator=generator).view(1, -1)
-        keep = sampler.accept(tempered[j : j + 1], h[j : j + 1])
+        keep = sampler.accept(entropy_GC[j : j + 1], top_prob_GC[j : j + 1])
         noise = random_canvas(canvas_C.shape[-1], vocab, generator, canvas_C.device)
-        keeps.append(keep)
-        next_canvases.append(torch.where(keep, sampled, noise))
-    accepted = torch.cat(keeps).sum(dim=-1).tolist()  # one host synchronisation for the group
-    return [
-        StepOutcome(
-            next_canvas=next_canvas,
-            argmax=argmax[j : j + 1],
-            tempered=tempered[j : j + 1],
-            accepted=accepted[j],
-            mean_entropy=mean_h[j],
+        outcomes.append(
+            StepOutcome(
+                next_canvas=torch.where(keep, draws[j], noise),
+                argmax=argmax_GC[j : j + 1],
+                signal=signal_GCV[j : j + 1],
+                accepted=keep.sum(),
+                mean_entropy=mean_entropy_G[j],
+            )
         )
-        for j, next_canvas in enumerate(next_canvases)
-    ]
+    return outcomes
 
 
 class StableAndConfident:
     """Stop test for one canvas: the argmax canvas equals each of the last `stability_threshold` ones
-    and the mean entropy of the tempered logits is below `confidence_threshold`."""
+    and the mean entropy of the tempered logits is below `confidence_threshold`.
+
+    It is fed, per step, whether the argmax canvas equals the previous step's and the mean entropy
+    (a float32 value): equal to each of the last s ones is the same as unchanged for the last s steps,
+    so the test keeps a count, and the engine reads both facts in its one host synchronisation a step."""
 
     def __init__(self, stability_threshold: int, confidence_threshold: float):
-        self.confidence_threshold = confidence_threshold
-        self.history: deque[torch.Tensor] = deque(maxlen=stability_threshold or None)
+        # the reference compares a float32 tensor with the Python float: in float32
+        self.confidence_threshold = float(torch.tensor(confidence_threshold, dtype=torch.float32))
         self.stability_threshold = stability_threshold
+        self.unchanged_steps = 0
 
-    def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> bool:
-        if self.stability_threshold == 0:
-            stable = True
-        else:
-            stable = len(self.history) == self.stability_threshold and all(
-                torch.equal(past, argmax) for past in self.history
-            )
-            self.history.append(argmax)
-        return stable and bool(mean_entropy < self.confidence_threshold)
+    def __call__(self, unchanged: bool, mean_entropy: float) -> bool:
+        self.unchanged_steps = self.unchanged_steps + 1 if unchanged else 0
+        stable = self.unchanged_steps >= self.stability_threshold
+        return stable and mean_entropy < self.confidence_threshold

@@ -23,15 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgemma.denoise.sampler import (
-    Sampler,
-    StableAndConfident,
-    make_sampler,
-    random_canvas,
-    sample_steps,
-    temperature,
-)
+from dgemma.denoise.sampler import Sampler, StableAndConfident, make_sampler, random_canvas, temperature
 from dgemma.engine.runner import DenoiseRunner
+from dgemma.engine.vocab import VocabStage
 from dgemma.errors import CapacityError, QueueFullError, RequestError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.outputs import Draft, GenerationOutput, GenerationStats, StreamEvent, TextDelta
@@ -64,6 +58,7 @@ class _Row:
     # the previous step's tempered logits through the soft embedding [1, C, D] (None on a first step)
     self_conditioning: torch.Tensor | None = None
     stopper: StableAndConfident | None = None
+    draft: torch.Tensor | None = None  # [1, C] the previous step's argmax canvas (None on a first step)
     cur_step: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -163,6 +158,8 @@ class Engine:
         # the head's fp32 logits are [rows, C, V]: on the GPU a few rows at a time, so memory per step
         # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
         self.logit_rows = GPU_LOGIT_ROWS if model.device.type == "cuda" else slots
+        self.vocab = VocabStage(model)
+        self._no_draft = torch.full((1, model.config.canvas_length), -1, device=model.device)
         self.free: list[int] = list(range(slots))
         self.waiting: deque[_Row] = deque()
         self.active: list[_Row] = []
@@ -250,17 +247,22 @@ class Engine:
         committed: list[_Row] = []
         for lo in range(0, len(active), self.logit_rows):
             group = active[lo : lo + self.logit_rows]
-            outcomes = sample_steps(
-                model.logits(hidden[lo : lo + len(group)]),
+            outcomes = self.vocab.sample(
+                hidden[lo : lo + len(group)],
                 [r.canvas[0] for r in group],
                 temps=[_temperature(r) for r in group],
                 samplers=[r.sampler for r in group],
                 generators=[r.generator for r in group],
             )
+            # what the stop test needs, read in one host synchronisation for the group
+            drafts = torch.cat([o.argmax for o in outcomes])
+            previous = torch.cat([self._no_draft if r.draft is None else r.draft for r in group])
+            unchanged = (drafts == previous).all(dim=-1).float()
+            facts = torch.stack([unchanged, torch.stack([o.mean_entropy for o in outcomes])], dim=1).tolist()
             going_on = []
-            for r, outcome in zip(group, outcomes):
-                stop = r.stopper(outcome.argmax, outcome.mean_entropy)
-                r.canvas = outcome.next_canvas
+            for r, outcome, (same, mean_entropy) in zip(group, outcomes, facts):
+                stop = r.stopper(bool(same), mean_entropy)
+                r.canvas, r.draft = outcome.next_canvas, outcome.argmax
                 r.cur_step -= 1
                 r.steps_per_canvas[-1] += 1
                 if r.request.drafts:
@@ -276,9 +278,9 @@ class Engine:
                     r.canvas = outcome.argmax  # the committed canvas is the argmax one
                     committed.append(r)
                 else:
-                    going_on.append((r, outcome.tempered))
+                    going_on.append((r, outcome.signal))
             if going_on:  # the next step's self-conditioning signal, for the group's continuing canvases
-                soft = model.soft_embedding(torch.cat([t for _, t in going_on]).to(model.dtype))
+                soft = model.expected_embedding(torch.cat([signal for _, signal in going_on]))
                 for j, (r, _) in enumerate(going_on):
                     r.self_conditioning = soft[j : j + 1]
         yield from _commit(committed)
@@ -298,7 +300,7 @@ def _temperature(r: _Row) -> torch.Tensor:
 def _new_canvas(r: _Row, canvas_length: int, vocab_size: int) -> None:
     params = r.request.params
     r.canvas = random_canvas(canvas_length, vocab_size, r.generator, r.generator.device)
-    r.self_conditioning = None
+    r.self_conditioning = r.draft = None
     r.stopper = StableAndConfident(params.stability_threshold, params.confidence_threshold)
     r.cur_step = params.max_denoising_steps
     r.steps_per_canvas.append(0)

@@ -358,12 +358,19 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, logits_BCV: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""
         weight = self.embed_tokens.weight
-        probs = F.softmax(logits_BCV, dim=-1, dtype=torch.float32).to(weight.dtype)
-        return (probs @ weight) * self.embed_scale
+        return self.expected_embedding(F.softmax(logits_BCV, dim=-1, dtype=torch.float32).to(weight.dtype))
+
+    def expected_embedding(self, probs_BCV: torch.Tensor) -> torch.Tensor:
+        """probs @ E * sqrt(D), probs in the embedding's dtype (`soft_embedding` after its softmax)."""
+        return (probs_BCV @ self.embed_tokens.weight) * self.embed_scale
+
+    def head(self, hidden_BCD: torch.Tensor) -> torch.Tensor:
+        """The tied head's logits in the model's dtype, before the soft-cap."""
+        return F.linear(hidden_BCD, self.embed_tokens.weight)
 
     def logits(self, hidden_BCD: torch.Tensor) -> torch.Tensor:
         """Tied head, then the fp32 soft-cap tanh(x / cap) * cap."""
-        logits = F.linear(hidden_BCD, self.embed_tokens.weight).float()
+        logits = self.head(hidden_BCD).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
