@@ -11,6 +11,7 @@ import pytest
 import torch
 from fixtures import tiny_config_dict
 
+from dgemma.cache.kv_cache import KVCache
 from dgemma.engine.runner import DenoiseRunner, buckets_for
 from dgemma.model.config import ModelConfig
 from dgemma.model.diffusion_gemma import DiffusionGemma
@@ -88,11 +89,22 @@ def test_static_denoise_matches_the_row_by_row_path():
             self_conditioning_embeds=soft,
             self_conditioning_mask=torch.tensor([1, 0, 1]),
         )
+        prefixes = [(k[r, :, :n].clone(), v[r, :, :n].clone()) for r, n in enumerate(lengths)
+                    for k, v in zip(cache.keys, cache.values)]  # fmt: skip
         # rows in another order, passed as device tensors
         got = model.denoise_static(
             canvas[[2, 0, 1]], soft[[2, 0, 1]], cache, torch.tensor([2, 0, 1]), torch.tensor([9, 3, 20])
         )
     torch.testing.assert_close(got, expected[[2, 0, 1]], rtol=1e-4, atol=1e-5)
+    # the canvas's K/V went to the scratch positions past each prefix: every prefix is untouched
+    after = [
+        (k[r, :, :n], v[r, :, :n]) for r, n in enumerate(lengths) for k, v in zip(cache.keys, cache.values)
+    ]
+    assert all(torch.equal(a, b) for pair, again in zip(prefixes, after) for a, b in zip(pair, again))
+    assert cache.lengths() == [*lengths, 0]
+    with pytest.raises(ValueError, match="scratch"):
+        bare = KVCache(model.config.layers, batch_size=1, max_length=30, device="cpu", dtype=torch.float32)
+        model.denoise_static(canvas[:1], soft[:1], bare, torch.tensor([0]), torch.tensor([3]))
 
 
 def test_self_conditioning_embeds_equal_the_logits_path():

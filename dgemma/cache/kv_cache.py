@@ -1,8 +1,11 @@
 """A static KV cache: one slot (row) per sequence, each with its own length, sized once at creation.
 
-Every layer stores K/V for the whole prefix ([rows, kv_heads, max_length, head_dim]); sliding layers hide
-what lies outside their window with the attention mask, so the same storage serves both modes. Only
-`encode` writes; `denoise` reads.
+Every layer stores K/V for the whole prefix ([rows, kv_heads, max_length + scratch, head_dim]); sliding
+layers hide what lies outside their window with the attention mask, so the same storage serves both
+modes. `encode` writes the prefix; `denoise` reads it. The static (CUDA-graph) denoise also writes the
+canvas's own K/V just past the row's prefix, so that it attends to one tensor instead of concatenating
+two: `scratch` positions after `max_length` leave room for that, and the commit's encode overwrites
+those positions with the encoder's K/V.
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ class KVCache:
         max_length: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        scratch: int = 0,
     ):
-        if batch_size <= 0 or max_length <= 0:
+        if batch_size <= 0 or max_length <= 0 or scratch < 0:
             raise CapacityError(
-                f"cache needs batch_size > 0 and max_length > 0, got {batch_size}, {max_length}"
+                f"cache needs batch_size > 0, max_length > 0 and scratch >= 0, got {batch_size}, "
+                f"{max_length}, {scratch}"
             )
         self.batch_size = batch_size
-        self.max_length = max_length
+        self.max_length = max_length  # prefix tokens a row holds
+        self.scratch = scratch
+        self.capacity = max_length + scratch  # positions stored per row
         self.keys = [
-            torch.zeros(batch_size, s.num_kv_heads, max_length, s.head_dim, device=device, dtype=dtype)
+            torch.zeros(batch_size, s.num_kv_heads, self.capacity, s.head_dim, device=device, dtype=dtype)
             for s in layers
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]

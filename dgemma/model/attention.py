@@ -67,16 +67,22 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         return q, k, self.v_norm(v_raw)
 
-    def attend(self, q_1THE: torch.Tensor, k_1KSE: torch.Tensor, v_1KSE: torch.Tensor, mask_TS=None):
-        groups = self.num_heads // self.spec.num_kv_heads
-        if groups > 1:
-            k_1KSE = k_1KSE.repeat_interleave(groups, dim=1)
-            v_1KSE = v_1KSE.repeat_interleave(groups, dim=1)
+    def attend(self, q_BTHE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, mask=None):
+        """Attention of q [B, T, H, E] over k, v [B, K, S, E]; mask (True: visible) [T, S] or
+        [B, 1, T or 1, S]. Returns [B, T, H, E].
+
+        The G = H / K query heads that share a K/V head are folded into one query of G * T rows, so K
+        and V are read as they are, never copied once per query head (a query row's result does not
+        depend on the other rows; the mask is repeated along the folded rows where it varies by query)."""
+        b, t, h, e = q_BTHE.shape
+        kv = k_BKSE.shape[1]
+        groups = h // kv
+        q = q_BTHE.reshape(b, t, kv, groups, e).permute(0, 2, 3, 1, 4).reshape(b, kv, groups * t, e)
+        if mask is not None and groups > 1 and mask.shape[-2] > 1:
+            mask = mask.repeat(*[1] * (mask.dim() - 2), groups, 1)
         # scale 1.0: q_norm / k_norm carry the scale (as in the checkpoint's training)
-        out = F.scaled_dot_product_attention(
-            q_1THE.transpose(1, 2), k_1KSE, v_1KSE, attn_mask=mask_TS, scale=1.0
-        )
-        return out.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k_BKSE, v_BKSE, attn_mask=mask, scale=1.0)
+        return out.view(b, kv, groups, t, e).permute(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
     def causal_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Which keys each query of an encode sees: its past and itself, within the window if sliding."""
@@ -145,7 +151,7 @@ class Attention(nn.Module):
     def prefix_positions(self, starts_B: torch.Tensor, num_new: int, max_length: int) -> torch.Tensor:
         """Cache positions [B, S] the static paths read for each row: a sliding layer, the `window - 1`
         positions before the row's prefix end plus `num_new` after it (positions before 0 included: the
-        caller masks them); a full layer, the whole cache."""
+        caller masks them); a full layer, all `max_length` positions of the row."""
         device = starts_B.device
         if self.spec.window is None:
             return torch.arange(max_length, device=device).expand(starts_B.shape[0], -1)
@@ -157,17 +163,17 @@ class Attention(nn.Module):
         """`denoise` with rows and prefix lengths as device tensors and shapes fixed by the cache alone,
         so it can be captured in a CUDA graph: one masked attention call over every row.
 
-        A sliding layer gathers each row's last `window - 1` prefix positions (positions before 0 are
-        masked); a full layer reads the row's whole cache, masked past its prefix."""
+        The canvas's K/V go to the row's scratch positions just past its prefix (the commit overwrites
+        them), so prefix and canvas are one run of cache positions: a sliding layer gathers the last
+        `window - 1` prefix positions and the canvas (positions before 0 are masked); a full layer reads
+        the row's whole storage, masked past the canvas."""
         q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         b, c, _ = x_BCD.shape
-        pos_BS = self.prefix_positions(starts_B, 0, cache.max_length)
-        visible_BS = (pos_BS >= 0) & (pos_BS < starts_B[:, None])
-        k_pre, v_pre = cache.gather(layer, rows_B, pos_BS.clamp(min=0))
-        k_all = torch.cat([k_pre, k.transpose(1, 2).to(k_pre.dtype)], dim=2)
-        v_all = torch.cat([v_pre, v.transpose(1, 2).to(v_pre.dtype)], dim=2)
-        mask = torch.cat([visible_BS, visible_BS.new_ones(b, c)], dim=1)[:, None, None, :]
-        out = self.attend(q, k_all, v_all, mask)
+        cache.write(layer, (rows_B[:, None], starts_B[:, None] + torch.arange(c, device=x_BCD.device)), k, v)
+        pos_BS = self.prefix_positions(starts_B, c, cache.capacity)
+        visible_BS = (pos_BS >= 0) & (pos_BS < starts_B[:, None] + c)
+        k_all, v_all = cache.gather(layer, rows_B, pos_BS.clamp(min=0))
+        out = self.attend(q, k_all, v_all, visible_BS[:, None, None, :])
         return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)
 
     def encode_static(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,

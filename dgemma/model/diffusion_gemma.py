@@ -194,7 +194,8 @@ class DiffusionGemma(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def new_cache(self, *, batch_size: int, max_length: int) -> KVCache:
-        """An empty cache for `batch_size` sequences of up to `max_length` encoded tokens each."""
+        """An empty cache for `batch_size` sequences of up to `max_length` encoded tokens each (plus one
+        canvas of scratch positions a row, for `denoise_static`)."""
         if max_length > self.config.max_position_embeddings:
             raise CapacityError(
                 f"max_length {max_length} exceeds the model's context of "
@@ -206,6 +207,7 @@ class DiffusionGemma(nn.Module):
             max_length=max_length,
             device=self.device,
             dtype=self.dtype,
+            scratch=self.config.canvas_length,
         )
 
     # -- the two modes -------------------------------------------------------------------------------
@@ -333,7 +335,13 @@ class DiffusionGemma(nn.Module):
         """`denoise_hidden` for CUDA graphs: every input a device tensor, no checks, no host sync.
 
         soft_BCD holds each row's self-conditioning signal (zeros on a canvas's first step, where the
-        block maps zeros to exactly zero); rows_B and starts_B are the cache rows and prefix lengths."""
+        block maps zeros to exactly zero); rows_B and starts_B are the cache rows and prefix lengths.
+        The canvas's K/V are written to the cache's scratch positions past each prefix (see KVCache)."""
+        if cache.scratch < canvas_ids_BC.shape[1]:
+            raise ValueError(
+                f"denoise_static writes the canvas's K/V past the prefix: the cache needs at least "
+                f"{canvas_ids_BC.shape[1]} scratch positions a row, it has {cache.scratch} (use new_cache)"
+            )
         x = self.self_conditioning(self._embed(canvas_ids_BC), soft_BCD)
         positions = starts_B[:, None] + torch.arange(canvas_ids_BC.shape[1], device=x.device)
 
