@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dgemma.engine.generate import Request, run
+from dgemma.engine.generate import Engine, Request, plan_request, run
 from dgemma.errors import RequestError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.presets import DEFAULT_MODEL_DIR
@@ -29,6 +29,10 @@ class LLM:
     >>> llm = LLM()                     # the embedded default model; or LLM("path/or/hub-id")
     >>> out = llm.generate("def fibonacci(n):", SamplingParams(max_new_tokens=128, seed=0))[0]
     >>> out.text, out.finish_reason, out.stats.tokens_per_forward
+
+    The generation engine (its KV cache and, on the GPU, its captured CUDA graphs) is kept between
+    calls, so a second call starts at once; it grows to the largest batch and length asked so far
+    (`del llm` frees it). Not thread-safe: a server runs its own engine (dgemma.serve).
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_checkpoint(directory)
         self.chat_template = ChatTemplate.from_checkpoint(directory)
         self.defaults = DiffusionDefaults.from_checkpoint(directory, self.model.config.eos_token_ids)
+        self._engine: Engine | None = None
 
     # -- prompts -----------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt, *, enable_thinking: bool = False) -> list[int]:
@@ -108,10 +113,8 @@ class LLM:
     ) -> list[GenerationOutput]:
         """Generate for one prompt or a batch; returns one output per prompt, in order."""
         requests, _ = self._requests(prompts, params, drafts=False, enable_thinking=enable_thinking)
-        outputs = [
-            e for e in run(self.model, requests, decode=self._decode) if isinstance(e, GenerationOutput)
-        ]
-        return sorted(outputs, key=lambda o: o.index)
+        events = run(self.model, requests, decode=self._decode, engine=self._engine_for(requests))
+        return sorted((e for e in events if isinstance(e, GenerationOutput)), key=lambda o: o.index)
 
     def stream(
         self,
@@ -124,7 +127,20 @@ class LLM:
         """Yield `TextDelta` (committed text), `Draft` (when `drafts`) and a final `GenerationOutput` per
         prompt. Events carry the prompt's `index`."""
         requests, _ = self._requests(prompts, params, drafts=drafts, enable_thinking=enable_thinking)
-        yield from run(self.model, requests, decode=self._decode)
+        yield from run(self.model, requests, decode=self._decode, engine=self._engine_for(requests))
+
+    def _engine_for(self, requests: list[Request]) -> Engine:
+        """The kept engine, replaced by a larger one when these requests do not fit in it."""
+        need = max(plan_request(self.model, r, self._decode)[1] for r in requests)
+        engine = self._engine
+        if engine is None or engine.busy or not engine.fits(len(requests), need):
+            slots = max(len(requests), engine.slots if engine is not None else 0)
+            length = max(need, engine.cache.max_length if engine is not None else 0)
+            self._engine = engine = None  # the old cache is freed before the new one is allocated
+            engine = self._engine = Engine(
+                self.model, slots=slots, max_length=length, decode=self._decode, max_waiting=slots
+            )
+        return engine
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""

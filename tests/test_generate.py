@@ -219,3 +219,25 @@ def test_batched_autoregressive_decoding_equals_one_prompt_at_a_time(llm):
     assert [len(a) for a in batched] == [12, 0, 12, 12]
     with pytest.raises(RequestError, match="at least one token"):
         generate_autoregressive_batch(llm.model, [[2], []], max_new_tokens=4, eos_token_ids=eos)
+
+
+def test_the_engine_is_kept_between_calls_and_left_idle(tiny_dir):
+    from dgemma import LLM
+
+    llm = LLM(tiny_dir)  # its own: the engine it keeps is what is checked
+    params = SamplingParams(seed=3, max_new_tokens=40)
+    (first,) = llm.generate("def add(a, b):", params)
+    engine = llm._engine
+    (again,) = llm.generate("def add(a, b):", params)
+    assert llm._engine is engine and again.token_ids == first.token_ids
+    # a stream abandoned after its first event leaves nothing running, and the next call is unaffected
+    stream = llm.stream(["x = 1", "def f():"], params)
+    next(stream)
+    stream.close()
+    assert llm._engine.slots == 2 and not llm._engine.busy
+    assert llm.generate("def add(a, b):", params)[0].token_ids == first.token_ids
+    # a larger batch gets a larger engine, which a smaller call then reuses
+    llm.generate(["a", "b", "c"], params)
+    bigger = llm._engine
+    llm.generate("b", params)
+    assert bigger.slots == 3 and llm._engine is bigger

@@ -101,17 +101,28 @@ def run(
     requests: Sequence[Request],
     *,
     decode: Callable[[Sequence[int]], str] | None = None,
+    engine: Engine | None = None,
 ) -> Iterator[StreamEvent]:
-    """Generate for all requests; yield TextDelta / Draft events and one GenerationOutput per request."""
+    """Generate for all requests; yield TextDelta / Draft events and one GenerationOutput per request.
+
+    `engine`: an idle engine with a row for each request and rows long enough (see `fits`), reused (on
+    the GPU its CUDA graphs are captured already); by default one sized for these requests. Every
+    request is checked before any work, and the engine is left idle however the caller stops."""
     if not requests:
         return
     # every request is checked before any work; the cache is sized for the longest
     need = max(plan_request(model, r, decode)[1] for r in requests)
-    engine = Engine(model, slots=len(requests), max_length=need, decode=decode, max_waiting=len(requests))
-    for request in requests:
-        engine.submit(request)
-    while engine.busy:
-        yield from engine.step()
+    if engine is None:
+        engine = Engine(model, slots=len(requests), max_length=need, decode=decode, max_waiting=len(requests))
+    elif engine.busy or not engine.fits(len(requests), need):
+        raise ValueError("run() needs an idle engine with a row of enough positions for each request")
+    try:
+        for request in requests:
+            engine.submit(request)
+        while engine.busy:
+            yield from engine.step()
+    finally:  # an error, or a consumer that stopped early: nothing is left running in the engine
+        engine.clear()
 
 
 def plan_request(model: DiffusionGemma, request: Request, decode=None) -> tuple[int, int]:
@@ -149,6 +160,7 @@ class Engine:
             )
         self.model = model
         self.decode = decode
+        self.slots = slots
         self.max_waiting = max_waiting
         # CUDA graphs by default on the GPU (graphs=False: the eager path); they pad batches with a
         # scratch row after the request rows
@@ -168,6 +180,16 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.active)
+
+    def fits(self, num_requests: int, positions: int) -> bool:
+        """Whether `num_requests` requests needing up to `positions` cache positions run at once."""
+        return num_requests <= self.slots and positions <= self.cache.max_length
+
+    def clear(self) -> None:
+        """Drop every request, waiting or running, and free their rows."""
+        self.waiting.clear()
+        self._release(list(self.active))
+        self._cancelled.clear()
 
     def submit(self, request: Request) -> None:
         """Queue a request (its `index` names it in the events); raises if it can never run or the
