@@ -1,7 +1,7 @@
 """Measure a code-completion checkpoint on held-out signature prompts (prompts.jsonl of build_corpus.py).
 
     python scripts/eval_default_model.py MODEL_DIR PROMPTS.jsonl [--entropy-bounds 0.5 1.0] \
-        [--max-steps 12 16] [--ar]
+        [--max-steps 12 16] [--temperatures 0.8,0.4 0.5,0.2] [--ar]
 
 For each prompt (a function's signature and docstring) the model completes up to 128 tokens; the
 completion is cut at the end of the function (its first top-level line) and counted as valid when it
@@ -50,12 +50,25 @@ def parses(source: str | None) -> bool:
         return False
 
 
-def evaluate(llm: LLM, prompts: list[str], bound: float, max_steps: int | None, max_new_tokens: int) -> dict:
+def evaluate(
+    llm: LLM,
+    prompts: list[str],
+    bound: float,
+    max_steps: int | None,
+    max_new_tokens: int,
+    temperatures: tuple[float, float] | None = None,
+) -> dict:
     ok = steps = canvases = tokens = 0
     seconds = 0.0
+    t_max, t_min = temperatures or (llm.defaults.t_max, llm.defaults.t_min)
     for i, prompt in enumerate(prompts):
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, entropy_bound=bound, max_denoising_steps=max_steps, seed=i
+            max_new_tokens=max_new_tokens,
+            entropy_bound=bound,
+            max_denoising_steps=max_steps,
+            t_max=t_max,
+            t_min=t_min,
+            seed=i,
         )
         out = llm.generate(prompt, params)[0]
         ok += parses(function_source(prompt, out.text))
@@ -66,6 +79,8 @@ def evaluate(llm: LLM, prompts: list[str], bound: float, max_steps: int | None, 
     return {
         "entropy_bound": bound,
         "max_denoising_steps": max_steps or llm.defaults.max_denoising_steps,
+        "t_max": t_max,
+        "t_min": t_min,
         "parse_rate": ok / len(prompts),
         "steps_per_canvas": steps / canvases,
         "tokens_per_forward": tokens / steps,
@@ -103,6 +118,13 @@ def main() -> int:
     parser.add_argument(
         "--max-steps", type=int, nargs="+", default=[0], help="max denoise steps per canvas (0: the model's)"
     )
+    parser.add_argument(
+        "--temperatures",
+        nargs="+",
+        default=[None],
+        metavar="T_MAX,T_MIN",
+        help="temperature schedules to try, e.g. 0.8,0.4 (default: the model's)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ar", action="store_true")
@@ -117,10 +139,14 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "diffusion": [],
     }
+    schedules = [None if t is None else tuple(map(float, t.split(","))) for t in args.temperatures]
     for max_steps in args.max_steps:
-        for bound in args.entropy_bounds:
-            result["diffusion"].append(evaluate(llm, prompts, bound, max_steps or None, args.max_new_tokens))
-            print(json.dumps(result["diffusion"][-1]), flush=True)
+        for schedule in schedules:
+            for bound in args.entropy_bounds:
+                result["diffusion"].append(
+                    evaluate(llm, prompts, bound, max_steps or None, args.max_new_tokens, schedule)
+                )
+                print(json.dumps(result["diffusion"][-1]), flush=True)
     if args.ar:
         result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens)
     print(json.dumps(result))
