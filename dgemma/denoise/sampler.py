@@ -98,8 +98,8 @@ class StepOutcome:
 
     next_canvas: torch.Tensor  # [1, C] accepted samples, renoised elsewhere: the next step's input
     argmax: torch.Tensor  # [1, C] the draft; the committed canvas when the canvas stops
-    # [1, C, V] what the next step's self-conditioning is computed from: the tempered logits here; the
-    # GPU's fused pass (engine/vocab.py) gives their softmax in the model's dtype instead
+    # [1, C, V] softmax of the tempered logits in the embedding's dtype: the next step's
+    # self-conditioning signal (DiffusionGemma.expected_embedding turns it into the soft embedding)
     signal: torch.Tensor
     accepted: torch.Tensor  # 0-d: positions kept this step
     mean_entropy: torch.Tensor  # 0-d fp32, compared in fp32 as the reference does

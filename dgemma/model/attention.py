@@ -148,13 +148,13 @@ class Attention(nn.Module):
             outs.append(self.attend(q[i : i + 1], k_row, v_row))  # everything visible: no mask
         return self.linear("o_proj", torch.cat(outs).reshape(b, c, -1), denoise=True)
 
-    def prefix_positions(self, starts_B: torch.Tensor, num_new: int, max_length: int) -> torch.Tensor:
+    def prefix_positions(self, starts_B: torch.Tensor, num_new: int, length: int) -> torch.Tensor:
         """Cache positions [B, S] the static paths read for each row: a sliding layer, the `window - 1`
         positions before the row's prefix end plus `num_new` after it (positions before 0 included: the
-        caller masks them); a full layer, all `max_length` positions of the row."""
+        caller masks them); a full layer, every position below `length`."""
         device = starts_B.device
         if self.spec.window is None:
-            return torch.arange(max_length, device=device).expand(starts_B.shape[0], -1)
+            return torch.arange(length, device=device).expand(starts_B.shape[0], -1)
         span = self.spec.window - 1
         return starts_B[:, None] - span + torch.arange(span + num_new, device=device)
 
