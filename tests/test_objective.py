@@ -155,6 +155,21 @@ def test_self_conditioning_changes_the_loss_and_gradients_reach_both_modes(model
         model.requires_grad_(False)
 
 
+def test_the_cache_keeps_the_encoder_pass_in_the_autograd_graph(model):
+    """The denoiser reads the encoder's K/V from the cache: under autograd, writing them there must not
+    cut the gradient (the fast path's cache moves K/V as integer words only without gradients)."""
+    model.requires_grad_(True)
+    try:
+        cache = model.new_cache(batch_size=1, max_length=12)
+        model.encode(torch.arange(10, 22)[None], cache)
+        assert cache.keys[0].requires_grad and cache.values[-1].requires_grad
+        cache.keys[0].sum().backward()
+        assert model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+
+
 def test_tiny_training_run_reduces_the_loss(model):
     trainee = DiffusionGemma.random(model.config, device="cpu", dtype=torch.float32, seed=4, std=0.1)
     trainee.requires_grad_(True)
