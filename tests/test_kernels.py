@@ -59,8 +59,23 @@ def test_align_pads_each_expert_to_whole_blocks():
     pair_of_slot, block_expert = align(index, num_experts=4, block_m=4)
     slots = pair_of_slot.view(-1, 4).tolist()
     sentinel = index.numel()
-    assert slots[:3] == [[1, 4, sentinel, sentinel], [3] + [sentinel] * 3, [0, 2, 5, sentinel]]
+    # each expert's pairs (in any order) then the sentinel up to a whole block; unused blocks after
+    assert [sorted(b) for b in slots[:3]] == [
+        [1, 4, sentinel, sentinel],
+        [3] + [sentinel] * 3,
+        [0, 2, 5, sentinel],
+    ]
+    assert all(b.index(sentinel) == sum(p != sentinel for p in b) for b in slots[:3])  # sentinels last
+    assert all(p == sentinel for b in slots[3:] for p in b)
     assert block_expert.tolist()[:3] == [0, 1, 2] and all(e == 4 for e in block_expert.tolist()[3:])
+    # many pairs, many experts (several align programs): every pair placed once, in its expert's blocks
+    index = torch.randint(0, 37, (300, 3), generator=torch.Generator().manual_seed(0))
+    pair_of_slot, block_expert = align(index, num_experts=37, block_m=16)
+    placed = pair_of_slot[pair_of_slot < index.numel()].long()
+    assert sorted(placed.tolist()) == list(range(index.numel()))
+    slot_expert = block_expert.repeat_interleave(16)[: len(pair_of_slot)]
+    is_pair = pair_of_slot < index.numel()
+    assert torch.equal(slot_expert[is_pair].long(), index.reshape(-1)[pair_of_slot[is_pair].long()])
 
 
 def model_and_cache(lengths: list[int]):

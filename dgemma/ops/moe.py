@@ -3,8 +3,9 @@
 Shape legend: N tokens, K top-k, P = N * K (token, expert) pairs, X experts, D hidden, I expert
 intermediate, S pair slots (each expert's pairs padded to a multiple of BLOCK_M).
 
-  1. `align` (torch ops, no host synchronisation, so it can be captured in a CUDA graph): sort the pairs
-     by expert and pad each expert's run to whole BLOCK_M blocks; every block belongs to one expert.
+  1. `align` (two small Triton kernels, no host synchronisation, so it can be captured in a CUDA graph):
+     group the pairs by expert and pad each expert's run to whole BLOCK_M blocks; every block belongs
+     to one expert.
   2. gate-up kernel: per (block, I tile), x[tokens] @ gate_e^T and @ up_e^T, then act(gate) * up -> h [S, I].
   3. down kernel: per (block, D tile), h @ down_e^T times the routing weight -> y [P, D], one row per pair.
   4. out = y.view(N, K, D).sum(1): a fixed order, no atomics, so the result is deterministic.
@@ -50,25 +51,61 @@ def default_config(num_pairs: int, num_experts: int, dtype: torch.dtype = torch.
     return MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=8)
 
 
+ALIGN_BLOCK = 128  # pairs (and blocks) an align program handles
+
+
+@triton.jit
+def _count_kernel(index_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    expert = tl.load(index_ptr + offs, mask=mask, other=0)
+    tl.atomic_add(counts_ptr + expert, 1, mask=mask)
+
+
+@triton.jit
+def _place_kernel(
+    index_ptr, counts_ptr, cursor_ptr, pair_of_slot_ptr, block_expert_ptr,
+    num_pairs, num_experts, num_blocks,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, XB: tl.constexpr,
+):  # fmt: skip
+    # every program derives the padded layout from the counts (a few hundred experts at most)
+    ex = tl.arange(0, XB)
+    real = ex < num_experts
+    counts = tl.load(counts_ptr + ex, mask=real, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    expert = tl.load(index_ptr + offs, mask=mask, other=0)
+    rank = tl.atomic_add(cursor_ptr + expert, 1, mask=mask)  # place within the expert's run
+    start = tl.sum(tl.where(expert[:, None] == ex[None, :], padded_start[None, :], 0), axis=1)
+    tl.store(pair_of_slot_ptr + start + rank, offs.to(tl.int32), mask=mask)
+    # the expert of each block: how many runs end at or before its first slot (X past the last run)
+    blocks = offs
+    ends_before = (padded_end[None, :] <= (blocks * BLOCK_M)[:, None]) & real[None, :]
+    tl.store(block_expert_ptr + blocks, tl.sum(ends_before.to(tl.int32), axis=1), mask=blocks < num_blocks)
+
+
 def align(index_NK: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pair_of_slot [S], block_expert [S / block_m]): slots hold pair ids sorted by expert, each expert's
-    run padded to whole blocks with the sentinel P; blocks past the last expert's run get expert X."""
+    """(pair_of_slot [S], block_expert [S / block_m]): slots hold pair ids grouped by expert, each
+    expert's run padded to whole blocks with the sentinel P; blocks past the last expert's run get
+    expert X. Two Triton kernels (count, then place with an atomic cursor per expert) instead of a sort:
+    the order of pairs within an expert's run may vary, which changes no result (each pair's row is
+    computed on its own and written to its own place)."""
     flat = index_NK.reshape(-1)
     num_pairs, device = flat.numel(), flat.device
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    start = torch.cumsum(counts, 0) - counts
-    sorted_expert = flat[order]
-    slot = padded_end[sorted_expert] - padded[sorted_expert] + torch.arange(num_pairs, device=device)
-    slot -= start[sorted_expert]
     num_slots = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m
+    num_blocks = num_slots // block_m
+    counters = torch.zeros(2, num_experts, dtype=torch.int32, device=device)  # counts, cursors
     pair_of_slot = torch.full((num_slots,), num_pairs, dtype=torch.int32, device=device)
-    pair_of_slot.scatter_(0, slot, order.to(torch.int32))
-    block_start = torch.arange(0, num_slots, block_m, device=device)
-    block_expert = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    _count_kernel[(triton.cdiv(num_pairs, ALIGN_BLOCK),)](flat, counters[0], num_pairs, BLOCK=ALIGN_BLOCK)
+    grid = (triton.cdiv(max(num_pairs, num_blocks), ALIGN_BLOCK),)
+    _place_kernel[grid](
+        flat, counters[0], counters[1], pair_of_slot, block_expert, num_pairs, num_experts, num_blocks,
+        BLOCK_M=block_m, BLOCK=ALIGN_BLOCK, XB=triton.next_power_of_2(num_experts),
+    )  # fmt: skip
     return pair_of_slot, block_expert
 
 
