@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build_corpus import function_prompts
-from eval_default_model import parses
+from eval_default_model import function_end, parses
 
 from dgemma import LLM
 from dgemma.engine.autoregressive import generate_autoregressive_batch
@@ -61,14 +61,9 @@ def training_prompts(corpus: Path, limit: int | None) -> list[tuple[str, str]]:
 def function_body(completion: str, ended_by_eos: bool) -> str | None:
     """The completion up to the first line back at column 0, or None when the function does not end
     within it (the budget ran out first) or adds no body."""
-    body, ended = [], ended_by_eos
-    for line in completion.splitlines(keepends=True):
-        if line.strip() and not line[0].isspace():
-            ended = True
-            break
-        body.append(line)
-    text = "".join(body).rstrip() + "\n"
-    return text if ended and text.strip() else None
+    body, ended = function_end(completion)
+    text = body.rstrip() + "\n"
+    return text if (ended or ended_by_eos) and text.strip() else None
 
 
 def main() -> int:

@@ -28,16 +28,23 @@ from dgemma import LLM, SamplingParams
 from dgemma.engine.autoregressive import generate_autoregressive
 
 
-def function_source(prompt: str, completion: str) -> str | None:
-    """The prompt plus the completion up to the end of the function, or None if it adds no body."""
+def function_end(completion: str) -> tuple[str, bool]:
+    """(the completion up to the end of the function: its first line back at column 0, whether such a
+    line came, i.e. the function ended within the completion)."""
     body = []
     for line in completion.splitlines(keepends=True):
         if line.strip() and not line[0].isspace():
-            break
+            return "".join(body), True
         body.append(line)
-    if not any(line.strip() for line in body):
+    return "".join(body), False
+
+
+def function_source(prompt: str, completion: str) -> str | None:
+    """The prompt plus the completion up to the end of the function, or None if it adds no body."""
+    body, _ = function_end(completion)
+    if not body.strip():
         return None  # a docstring-only function parses, but nothing was completed
-    return prompt + "".join(body)
+    return prompt + body
 
 
 def parses(source: str | None) -> bool:
