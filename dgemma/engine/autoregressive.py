@@ -53,12 +53,12 @@ def generate_autoregressive_batch(
     invariant, model.batch_invariant = model.batch_invariant, False
     try:
         hidden = model.encode(padded[:, :shortest], cache)[:, -1]
-        for position in range(shortest, longest + max_new_tokens - 1):
+        end = longest + max_new_tokens
+        for position in range(shortest, end):
             predicted = model.logits(hidden).argmax(-1)
             padded[:, position] = torch.where(position < lengths, padded[:, position], predicted)
-            hidden = model.encode(padded[:, position : position + 1], cache)[:, -1]
-        last = longest + max_new_tokens - 1
-        padded[:, last] = torch.where(last < lengths, padded[:, last], model.logits(hidden).argmax(-1))
+            if position + 1 < end:  # the last position is predicted, never encoded
+                hidden = model.encode(padded[:, position : position + 1], cache)[:, -1]
     finally:
         model.batch_invariant = invariant
     eos = set(eos_token_ids)
