@@ -63,13 +63,15 @@ def _rounded(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _merge(m, s, a, x):
-    """Fold a block of values x (masked entries -inf) into the running (max, sum, weighted sum)."""
+def _merge(m, s, a, x, WEIGHTED: tl.constexpr):
+    """Fold a block of values x (masked entries -inf) into the running (max, sum, weighted sum); the
+    weighted sum only if WEIGHTED (a is returned as it came otherwise)."""
     new_m = tl.maximum(m, tl.max(x, axis=0))
     scale = tl.exp(m - new_m)
     e = tl.exp(x - new_m)
-    d = tl.where(e > 0, x - new_m, 0.0)
-    a = scale * (a + tl.where(s > 0, m - new_m, 0.0) * s) + tl.sum(e * d, axis=0)
+    if WEIGHTED:
+        d = tl.where(e > 0, x - new_m, 0.0)
+        a = scale * (a + tl.where(s > 0, m - new_m, 0.0) * s) + tl.sum(e * d, axis=0)
     s = scale * s + tl.sum(e, axis=0)
     return new_m, s, a
 
@@ -88,7 +90,6 @@ def _stats_kernel(
     a = tl.zeros([], tl.float32)
     mr = tl.full([], float("-inf"), tl.float32)
     sr = tl.zeros([], tl.float32)
-    ar = tl.zeros([], tl.float32)
     best = tl.zeros([], tl.int32) + lo
     for start in range(lo, lo + SPLIT, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -97,8 +98,11 @@ def _stats_kernel(
         x = tl.where(mask, _tempered(raw, cap, temp, HAS_CAP), float("-inf"))
         block_max = tl.max(x, axis=0)
         best = tl.where(block_max > m, start + tl.argmax(x, axis=0), best)
-        m, s, a = _merge(m, s, a, x)
-        mr, sr, ar = _merge(mr, sr, ar, _rounded(x, ROUND))
+        m, s, a = _merge(m, s, a, x, WEIGHTED=True)
+        if ROUND != 0:  # float32 models: the rounded logits are the logits, their sums are (m, s)
+            mr, sr, _ = _merge(mr, sr, a, _rounded(x, ROUND), WEIGHTED=False)
+    if ROUND == 0:
+        mr, sr = m, s
     out = part_ptr + (row * S + split) * 6
     tl.store(out, m)
     tl.store(out + 1, s)
