@@ -12,6 +12,7 @@ Steps are fixed (the stop test is switched off) so the numbers do not depend on 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import itertools
@@ -111,106 +112,154 @@ def copy_bandwidth_gbps(nbytes: int = 2 * 10**9) -> float:
     return round(2 * nbytes / (ms / 1e3) / 1e9, 1)
 
 
-def bench_moe(model: DiffusionGemma, tokens: Sequence[int] = (256, 2048), sweep: bool = True) -> dict:
-    """One layer's experts with the Triton kernels, per token count and tile config: time and the rate at
-    which the kernels stream the expert weights (bytes of weights / time)."""
-    from dgemma.ops.moe import MoeConfig, default_config, moe
+def kernel_ms(fn: Callable[[], object], *, reps: int = 20) -> float:
+    """Mean GPU time of `fn` over back-to-back calls between two CUDA events (launches overlap the
+    previous call's work, so per-call host overhead does not count)."""
+    fn()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    sync()
+    return round(start.elapsed_time(end) / reps, 4)
+
+
+# Tile sweeps of the expert kernels: (block_n, block_k, num_warps, num_stages, swap_ab), for blocks of
+# few tokens (block_m <= 32: weight streaming) and of many (block_m >= 64: closer to compute-bound).
+GATE_UP_TILES = {
+    "few": [(64, 128, 4, 4, False), (64, 128, 4, 5, True), (128, 128, 4, 4, False), (64, 256, 4, 3, False),
+            (64, 128, 4, 4, True), (128, 128, 8, 4, True)],
+    "many": [(128, 64, 8, 4, False), (128, 64, 8, 3, False), (64, 64, 4, 4, False), (128, 128, 8, 3, False),
+             (64, 128, 4, 3, False), (128, 64, 4, 4, False), (256, 64, 8, 3, False)],
+}  # fmt: skip
+DOWN_TILES = {
+    "few": [(64, 64, 4, 4, False), (64, 128, 4, 5, True), (128, 64, 4, 4, False), (64, 64, 4, 4, True),
+            (128, 128, 8, 4, True)],
+    "many": [(128, 64, 8, 4, False), (128, 128, 8, 3, False), (256, 64, 8, 3, False), (64, 64, 4, 4, False),
+             (128, 64, 4, 4, False), (256, 128, 8, 3, False), (64, 128, 4, 3, False)],
+}  # fmt: skip
+BLOCK_M_FOR_TOKENS = {256: (16, 32), 512: (16, 32, 64), 1024: (32, 64), 2048: (64, 128), 4096: (64, 128)}
+
+
+def bench_moe(
+    model: DiffusionGemma, tokens: Sequence[int] = (256, 512, 1024, 2048), sweep: bool = True
+) -> dict:
+    """One layer's experts per token count (1, 2, 4, 8 canvases): the whole call with the default tiles
+    (time, and the rate at which it streams the expert weights), and with `sweep` each kernel alone per
+    tile config, so the defaults can be chosen per token count (`dgemma.ops.moe.default_config`)."""
+    from dgemma.ops.moe import MoeConfig, align, default_config, down, gate_up, moe
 
     layer = model.layers[0]
     experts = layer.experts
+    num_experts, top_k = model.config.num_experts, model.config.top_k_experts
     nbytes = experts.gate_up_proj.numel() * 2 + experts.down_proj.numel() * 2
-    configs = [None]
-    if sweep:
-        configs += [
-            MoeConfig(
-                block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=st, swap_ab=sw, down_block_k=dk
-            )
-            for m, n, k, w, st, sw, dk in [
-                (16, 64, 256, 4, 3, False, 64),
-                (16, 128, 128, 4, 4, False, 64),
-                (16, 64, 128, 4, 4, True, 64),
-                (16, 64, 256, 4, 3, True, 64),
-                (16, 64, 128, 4, 5, True, 128),
-                (16, 128, 128, 4, 4, True, 64),
-                (16, 128, 128, 8, 4, True, 128),
-                (16, 128, 256, 8, 3, True, 128),
-                (32, 64, 128, 4, 4, True, 64),
-                (32, 128, 128, 8, 4, True, 128),
-                (64, 128, 64, 8, 4, False, 64),
-                (64, 128, 128, 8, 3, True, 64),
-                (128, 128, 64, 8, 4, True, 64),
-            ]
-        ]
-    result = {"weight_bytes_per_layer": nbytes, "copy_gbps": copy_bandwidth_gbps(), "runs": []}
+    result = {"weight_bytes_per_layer": nbytes, "copy_gbps": copy_bandwidth_gbps(), "runs": [], "sweep": []}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n in tokens:
         x = torch.randn(n, model.config.hidden_size, device="cuda", generator=gen).to(model.dtype)
         weights, index = layer.router(x)
-        for cfg in configs:
+        used = default_config(n * top_k, num_experts, x.dtype)
 
-            def call(x=x, weights=weights, index=index, cfg=cfg):
-                return moe(x, experts.gate_up_proj, experts.down_proj, weights, index, config=cfg)
+        def call(x=x, weights=weights, index=index):
+            return moe(x, experts.gate_up_proj, experts.down_proj, weights, index)
 
-            try:
-                ms = median(timed_ms(call, reps=20, warmup=3))
-            except Exception as exc:  # a tile config the compiler rejects (shared memory): skip it
-                logger.warning("MoE config %s failed: %s", cfg, exc)
-                continue
-            used = cfg or default_config(n * index.shape[1], experts.gate_up_proj.shape[0], x.dtype)
-            result["runs"].append(
-                {
-                    "tokens": n,
-                    "config": used.__dict__,
-                    "default": cfg is None,
-                    "ms": ms,
-                    "weights_gbps": round(nbytes / (ms / 1e3) / 1e9, 1),
-                }
-            )
-        if hasattr(torch, "_grouped_mm"):
-            from dgemma.ops.moe import moe_grouped_mm
+        ms = kernel_ms(call)
+        gbps = round(nbytes / (ms / 1e3) / 1e9, 1)
+        result["runs"].append({"tokens": n, "config": used.__dict__, "ms": ms, "weights_gbps": gbps})
+        if not sweep:
+            continue
+        for block_m in BLOCK_M_FOR_TOKENS.get(n, (used.block_m,)):
+            kind = "few" if block_m <= 32 else "many"
+            slots = align(index, num_experts, block_m)
+            base = dataclasses.replace(used, block_m=block_m)
+            h = gate_up(x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=base)
+            for kernel, tiles in (("gate_up", GATE_UP_TILES[kind]), ("down", DOWN_TILES[kind])):
+                for bn, bk, warps, stages, swap in tiles:
+                    if kernel == "gate_up":
+                        cfg = MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
+                                        num_stages=stages, swap_ab=swap)  # fmt: skip
 
-            def grouped(x=x, weights=weights, index=index):
-                return moe_grouped_mm(x, experts.gate_up_proj, experts.down_proj, weights, index)
+                        def run(cfg=cfg, x=x, slots=slots):
+                            return gate_up(x, experts.gate_up_proj, slots, top_k,
+                                           activation=experts.act_name, config=cfg)  # fmt: skip
+                    else:
+                        cfg = MoeConfig(block_m=block_m, down_block_n=bn, down_block_k=bk,
+                                        down_num_warps=warps, down_num_stages=stages,
+                                        down_swap_ab=swap)  # fmt: skip
 
-            try:
-                ms = median(timed_ms(grouped, reps=20, warmup=3))
-                result["grouped_mm"] = [
-                    *result.get("grouped_mm", []),
-                    {"tokens": n, "ms": ms, "weights_gbps": round(nbytes / (ms / 1e3) / 1e9, 1)},
-                ]
-                want = moe(x, experts.gate_up_proj, experts.down_proj, weights, index)
-                result["grouped_mm"][-1]["rel_err_vs_triton"] = rel_err(grouped(), want)
-            except Exception as exc:
-                result["grouped_mm"] = [{"error": f"{type(exc).__name__}: {exc}"}]
+                        def run(cfg=cfg, h=h, slots=slots, weights=weights):
+                            return down(h, experts.down_proj, slots, weights, config=cfg)
+
+                    try:
+                        ms = kernel_ms(run)
+                    except Exception as exc:  # a tile config the compiler rejects (shared memory): skip it
+                        logger.warning("%s tiles %s failed: %s", kernel, cfg, str(exc)[:200])
+                        continue
+                    result["sweep"].append(
+                        {"tokens": n, "kernel": kernel, "block_m": block_m, "block_n": bn, "block_k": bk,
+                         "num_warps": warps, "num_stages": stages, "swap_ab": swap, "ms": ms}
+                    )  # fmt: skip
+    result["best"] = _best_tiles(result["sweep"])
     return result
 
 
+def _best_tiles(sweep: list[dict]) -> list[dict]:
+    """Per token count: the fastest gate-up plus down pair that shares a block_m."""
+    best = []
+    for n in sorted({r["tokens"] for r in sweep}):
+        pairs = []
+        for block_m in sorted({r["block_m"] for r in sweep if r["tokens"] == n}):
+            fastest = {}
+            for kernel in ("gate_up", "down"):
+                runs = [r for r in sweep if (r["tokens"], r["block_m"], r["kernel"]) == (n, block_m, kernel)]
+                if runs:
+                    fastest[kernel] = min(runs, key=lambda r: r["ms"])
+            if len(fastest) == 2:
+                pairs.append((fastest["gate_up"]["ms"] + fastest["down"]["ms"], fastest))
+        if pairs:
+            total, fastest = min(pairs, key=lambda p: p[0])
+            best.append({"tokens": n, "ms": round(total, 4), **fastest})
+    return best
+
+
 def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
-    """Logits of one denoise step after the same prompt: fast path (kernels, CUDA graphs, static-shape
-    attention) vs pure-torch path (expert loop, row-by-row attention), same weights."""
+    """Logits of one denoise step after the same prompt, then of the next canvas's first step after a
+    commit: fast path (kernels, CUDA graphs, static-shape attention, the commit fused with that first
+    step) vs pure-torch path (expert loop, row-by-row attention, encode then denoise), same weights."""
     from dgemma.engine.runner import DenoiseRunner
 
     c = model.config.canvas_length
     prompt = torch.tensor([random_prompt(model, prompt_len, 1)], device=model.device)
-    canvas = torch.tensor([random_prompt(model, c, 2)], device=model.device)
-    fast_cache = model.new_cache(batch_size=2, max_length=prompt_len)  # row 1: the graphs' scratch row
-    model.encode(prompt, fast_cache, rows=[0])
-    fast = model.logits(
-        DenoiseRunner(model, fast_cache, graphs=True).hidden([canvas], [None], [0], [prompt_len])
+    canvas, commit, following = (
+        torch.tensor([random_prompt(model, c, seed)], device=model.device) for seed in (2, 3, 4)
     )
+    fast_cache = model.new_cache(batch_size=2, max_length=prompt_len + c)  # row 1: the graphs' scratch row
+    model.encode(prompt, fast_cache, rows=[0])
+    runner = DenoiseRunner(model, fast_cache, graphs=True)
+    fast = model.logits(runner.hidden([canvas], [None], [0], [prompt_len]))
+    prompt_keys = fast_cache.keys[-1][0, :, :prompt_len].clone()
+    fast_next = model.logits(runner.commit_and_hidden([commit], [following], [0]))
     model.use_kernels = False
     try:
-        ref_cache = model.new_cache(batch_size=1, max_length=prompt_len)
+        ref_cache = model.new_cache(batch_size=1, max_length=prompt_len + c)
         model.encode(prompt, ref_cache)
         ref = model.denoise(canvas, ref_cache)
+        model.encode(commit, ref_cache)
+        ref_next = model.denoise(following, ref_cache)
     finally:
         model.use_kernels = True
     return {
         "logits_rel_err": rel_err(fast, ref),
         "argmax_agreement": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
         # the prompt's positions (past them the fast path's scratch holds the canvas's K/V)
-        "prefill_last_layer_keys_rel_err": rel_err(
-            fast_cache.keys[-1][0, :, :prompt_len], ref_cache.keys[-1][0, :, :prompt_len]
+        "prefill_last_layer_keys_rel_err": rel_err(prompt_keys, ref_cache.keys[-1][0, :, :prompt_len]),
+        "fused_commit_logits_rel_err": rel_err(fast_next, ref_next),
+        "fused_commit_argmax_agreement": float((fast_next.argmax(-1) == ref_next.argmax(-1)).float().mean()),
+        "commit_last_layer_keys_rel_err": rel_err(
+            fast_cache.keys[-1][0, :, prompt_len : prompt_len + c],
+            ref_cache.keys[-1][0, :, prompt_len : prompt_len + c],
         ),
     }
 
@@ -373,9 +422,9 @@ def _requests(model, n, prompt_len, steps, canvases, seed=0) -> list[Request]:
     ]
 
 
-def _engine(model, n, prompt_len, canvases, graphs=None) -> Engine:
+def _engine(model, n, prompt_len, canvases, **kwargs) -> Engine:
     c = model.config.canvas_length
-    return Engine(model, slots=n, max_length=prompt_len + (canvases - 1) * c, max_waiting=n, graphs=graphs)
+    return Engine(model, slots=n, max_length=prompt_len + (canvases - 1) * c, max_waiting=n, **kwargs)
 
 
 def bench_first_canvas(model: DiffusionGemma, prompt_len: int, steps: int) -> dict:
@@ -422,17 +471,23 @@ def bench_single(model: DiffusionGemma, prompt_len: int, steps_list: Sequence[in
 
     with torch.inference_mode():
         out["vocab_stage_ms"] = median(timed_ms(vocab_step, reps=10))
-    del engine
-    for steps in steps_list:
-        # canvases 2..reps+1 are timed: the first warms up (graph capture), the last is never committed
-        engine = _engine(model, 1, prompt_len, reps + 2)
+    engine = None
+    for steps, fused in itertools.product(steps_list, (True, False)):
+        # canvases 2..reps+1 are timed: the first warms up (graph capture), the last is never committed.
+        # A canvas's first step also encodes the previous canvas: in the same forward (fused), or in a
+        # commit forward before it (unfused)
+        engine = _engine(model, 1, prompt_len, reps + 2, fuse_commit=fused)
         step_ms, _ = _run_requests(engine, _requests(model, 1, prompt_len, steps, reps + 2))
         canvases = [step_ms[i * steps : (i + 1) * steps] for i in range(reps + 2)][1:-1]
-        plain = [t for canvas in canvases for t in canvas[:-1]]
-        out[f"canvas{steps}_ms"] = median([sum(canvas) for canvas in canvases])
-        out.setdefault("denoise_step_ms", median(plain))
-        out.setdefault("commit_ms", round(median([canvas[-1] for canvas in canvases]) - median(plain), 3))
-        out[f"tok_per_s_at_{steps}_steps"] = round(c / (out[f"canvas{steps}_ms"] / 1e3), 1)
+        plain = [t for canvas in canvases for t in canvas[1:]]
+        tag = "" if fused else "_unfused"
+        out[f"canvas{steps}{tag}_ms"] = median([sum(canvas) for canvas in canvases])
+        if fused:
+            out.setdefault("denoise_step_ms", median(plain))
+            out[f"tok_per_s_at_{steps}_steps"] = round(c / (out[f"canvas{steps}_ms"] / 1e3), 1)
+        first = median([canvas[0] for canvas in canvases])
+        out.setdefault(f"commit{tag}_ms", round(first - median(plain), 3))
+        engine = None  # its graphs' memory goes before the next engine captures its own
     return out
 
 
@@ -613,10 +668,15 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     moe = record.get("moe") or {}
     for run in moe.get("runs", []):
         cfg = run["config"]
-        label = f"moe {run['tokens']} tok m{cfg['block_m']} n{cfg['block_n']} k{cfg['block_k']}"
-        label += f" w{cfg['num_warps']} s{cfg['num_stages']} dk{cfg['down_block_k']}"
-        label += (" swap" if cfg["swap_ab"] else "") + (" (default)" if run["default"] else "")
+        label = f"moe {run['tokens']} tokens, default tiles (block_m {cfg['block_m']})"
         rows.append((label, f"{run['ms']} ms, {run['weights_gbps']} GB/s (copy {moe['copy_gbps']})"))
+    for best in moe.get("best", []):
+        tiles = "; ".join(
+            f"{k} m{best[k]['block_m']} n{best[k]['block_n']} k{best[k]['block_k']} w{best[k]['num_warps']}"
+            f" s{best[k]['num_stages']}{' swap' if best[k]['swap_ab'] else ''} {best[k]['ms']} ms"
+            for k in ("gate_up", "down")
+        )
+        rows.append((f"moe {best['tokens']} tokens, best tiles", f"{best['ms']} ms: {tiles}"))
     for row in record.get("streams") or []:
         if isinstance(row, dict) and "streams" in row:
             rows.append(

@@ -32,3 +32,35 @@ def test_it_completes_python_on_cpu():
     # the first body line is Python (the model's quality is measured in docs/benchmarks.md, not here)
     first = next(line for line in out.text.splitlines() if line.strip())
     assert first.startswith("    ")
+
+
+def test_static_forwards_and_the_fused_commit_give_the_eager_answers():
+    """The GPU's forwards (static shapes, batches padded with the scratch row, each finished canvas
+    encoded in the same forward as the next canvas's first step), run uncaptured on the CPU, give the
+    reference path's tokens, fused or not, with requests joining at different steps. (A trained model:
+    a random one's near-uniform distributions turn float32 rounding into different samples.)"""
+    from dgemma.engine.generate import Engine
+    from dgemma.outputs import GenerationOutput
+
+    llm = LLM(device="cpu")
+    prompts = ["def mean(xs):\n", "class Stack:\n    def push(self, item):\n", "import os\n\n\ndef walk("]
+    params = [SamplingParams(max_new_tokens=70, seed=5 + i, ignore_eos=True) for i in range(3)]
+    reqs = llm._requests(prompts, params, drafts=False, enable_thinking=False)[0]
+
+    def answers(**kwargs):
+        engine = Engine(llm.model, slots=3, max_length=256, decode=llm._decode, **kwargs)
+        engine.submit(reqs[0])
+        for _ in range(2):  # the others join two steps in: their canvases commit at other steps
+            engine.step()
+        for r in reqs[1:]:
+            engine.submit(r)
+        outputs = {}
+        while engine.busy:
+            outputs.update((e.index, e.token_ids) for e in engine.step() if isinstance(e, GenerationOutput))
+        assert not any(engine.cache.lengths())
+        return outputs
+
+    eager = answers()
+    assert sorted(eager) == [0, 1, 2] and all(len(ids) == 70 for ids in eager.values())  # one commit each
+    assert answers(graphs=False, static=True) == eager
+    assert answers(graphs=False, static=True, fuse_commit=False) == eager

@@ -5,6 +5,7 @@ forward (static shapes, device-tensor rows) and the engine's runner. bf16 on the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -45,10 +46,17 @@ def test_moe_kernels_match_the_expert_loop(activation, block_m, num_tokens, swap
         expected = experts(x, weights, index)
         # tiles narrower than the intermediate size and the hidden size: the masked edges are exercised
         config = MoeConfig(block_m=block_m, block_n=32, block_k=32, down_block_k=32, swap_ab=swap_ab)
-        got = moe(
-            x, experts.gate_up_proj, experts.down_proj, weights, index, activation=activation, config=config
+        # the down kernel with tiles of its own (narrower than the hidden size, the other operand order)
+        split = dataclasses.replace(
+            config, down_block_k=16, down_block_n=16, down_num_warps=2, down_num_stages=2,
+            down_swap_ab=not swap_ab,
+        )  # fmt: skip
+        got, got_split = (
+            moe(x, experts.gate_up_proj, experts.down_proj, weights, index, activation=activation, config=c)
+            for c in (config, split)
         )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_split, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter
@@ -168,6 +176,50 @@ def test_static_encode_writes_the_cache_as_encode_does():
     for layer in range(len(model.layers)):
         for a, b in ((cache.keys[layer], twin.keys[layer]), (cache.values[layer], twin.values[layer])):
             torch.testing.assert_close(b[:3], a[:3], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_commit_and_first_step_equal_the_two_calls(bias):
+    """`commit_denoise_static` = encode the finished canvas, then denoise the next one: the same hidden
+    states and the same cache, with each mode's layer scalar (and biases, where a model has them)."""
+    lengths = [3, 20, 9]  # prefixes shorter and longer than the sliding window (8)
+    models = []
+    for _ in range(2):
+        config = ModelConfig.from_dict(tiny_config_dict())
+        if bias:
+            config = dataclasses.replace(config, attention_bias=True)
+        model = DiffusionGemma.random(config, device="cpu", dtype=torch.float32, seed=3, std=0.1)
+        for i, layer in enumerate(model.layers):
+            layer.encoder_layer_scalar.fill_(0.5 + 0.1 * i)
+            layer.decoder_layer_scalar.fill_(1.5 - 0.1 * i)
+        cache = model.new_cache(batch_size=len(lengths) + 1, max_length=max(lengths) + 24)
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for row, n in enumerate(lengths):
+                model.encode(torch.randint(3, 300, (1, n), generator=gen), cache, rows=[row])
+        models.append((model, cache))
+    (model, cache), (_, twin) = models
+    c = model.config.canvas_length
+    gen = torch.Generator().manual_seed(5)
+    commit, canvas = (torch.randint(0, 300, (2, c), generator=gen) for _ in range(2))
+    with torch.inference_mode():
+        model.encode(commit, cache, rows=[2, 1])
+        expected = model.denoise_hidden(canvas, cache, rows=[2, 1])
+        # the scratch row (3) pads the batch, as the engine's CUDA graphs do
+        got = model.commit_denoise_static(
+            torch.cat([commit, commit[:1]]),
+            torch.cat([canvas, canvas[:1]]),
+            twin,
+            torch.tensor([2, 1, 3]),
+            torch.tensor([9, 20, 0]),
+        )
+    twin.advance([2, 1], c)
+    torch.testing.assert_close(got[:2], expected, rtol=1e-4, atol=1e-5)
+    assert twin.lengths([0, 1, 2]) == cache.lengths([0, 1, 2])
+    for layer in range(len(model.layers)):
+        for a, b in ((cache.keys[layer], twin.keys[layer]), (cache.values[layer], twin.values[layer])):
+            for row, n in enumerate(cache.lengths([0, 1, 2])):  # the prefixes; past them is scratch
+                torch.testing.assert_close(b[row, :, :n], a[row, :, :n], rtol=1e-4, atol=1e-5)
 
 
 @needs_interpreter

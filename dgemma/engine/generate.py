@@ -4,9 +4,10 @@
 `step()` admits waiting requests (encodes their prompts into their rows), runs one batched `denoise`
 over every canvas still denoising (whatever its step), lets each canvas take its sampler step with its
 own generator, and commits the canvases that stopped: cut at the first EOS, trimmed to
-`max_new_tokens`, emitted, and (if the answer goes on) encoded into the cache together with the other
-canvases that stopped that step. A finished or cancelled request frees its row at once, and a request
-admitted later joins the running batch at the next step.
+`max_new_tokens` and emitted at once. If the answer goes on, the canvas is encoded into the cache at the
+next step, in the same forward as the next canvas's first denoise step (one read of the weights for
+both: `DenoiseRunner.commit_and_hidden`). A finished or cancelled request frees its row at once, and a
+request admitted later joins the running batch at the next step.
 
 A seeded answer does not depend on what else is batched, nor on when it was admitted: its generator is
 its own, and the model computes each row independently of the others (batch invariance).
@@ -59,6 +60,7 @@ class _Row:
     self_conditioning: torch.Tensor | None = None
     stopper: StableAndConfident | None = None
     draft: torch.Tensor | None = None  # [1, C] the previous step's argmax canvas (None on a first step)
+    pending: torch.Tensor | None = None  # [1, C] a committed canvas not encoded yet (see the module doc)
     cur_step: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -153,6 +155,8 @@ class Engine:
         decode: Callable[[Sequence[int]], str] | None = None,
         max_waiting: int = 256,
         graphs: bool | None = None,
+        static: bool | None = None,
+        fuse_commit: bool = True,
     ):
         if slots < 1 or max_waiting < 0:
             raise CapacityError(
@@ -162,11 +166,13 @@ class Engine:
         self.decode = decode
         self.slots = slots
         self.max_waiting = max_waiting
-        # CUDA graphs by default on the GPU (graphs=False: the eager path); they pad batches with a
-        # scratch row after the request rows
+        # CUDA graphs by default on the GPU (graphs=False: the eager path; static=True without graphs:
+        # the graphs' forwards run uncaptured, see DenoiseRunner); they pad batches with a scratch row
+        # after the request rows
         graphs = model.device.type == "cuda" if graphs is None else graphs
-        self.cache = model.new_cache(batch_size=slots + (1 if graphs else 0), max_length=max_length)
-        self.runner = DenoiseRunner(model, self.cache, graphs=graphs)
+        static = graphs if static is None else static
+        self.cache = model.new_cache(batch_size=slots + (1 if static else 0), max_length=max_length)
+        self.runner = DenoiseRunner(model, self.cache, graphs=graphs, static=static, fuse_commit=fuse_commit)
         # the head's fp32 logits are [rows, C, V]: on the GPU a few rows at a time, so memory per step
         # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
         self.logit_rows = GPU_LOGIT_ROWS if model.device.type == "cuda" else slots
@@ -260,12 +266,26 @@ class Engine:
             _new_canvas(r, c, vocab)
             self.active.append(r)
 
+    def _forward(self) -> tuple[list[_Row], torch.Tensor]:
+        """The denoiser's hidden states of every active canvas, in the order of the rows returned: the
+        canvases past their first step, then those whose previous canvas is still to be encoded."""
+        plain = [r for r in self.active if r.pending is None]
+        fresh = [r for r in self.active if r.pending is not None]
+        hidden = []
+        if plain:
+            rows = [r.row for r in plain]
+            canvases, soft = [r.canvas for r in plain], [r.self_conditioning for r in plain]
+            hidden.append(self.runner.hidden(canvases, soft, rows, self.cache.lengths(rows)))
+        if fresh:
+            commits, canvases = [r.pending for r in fresh], [r.canvas for r in fresh]
+            hidden.append(self.runner.commit_and_hidden(commits, canvases, [r.row for r in fresh]))
+            for r in fresh:
+                r.pending = None
+        return plain + fresh, hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+
     def _denoise_step(self) -> Iterator[StreamEvent]:
-        model, decode, active = self.model, self.decode, self.active
-        rows = [r.row for r in active]
-        hidden = self.runner.hidden(
-            [r.canvas for r in active], [r.self_conditioning for r in active], rows, self.cache.lengths(rows)
-        )
+        model, decode = self.model, self.decode
+        active, hidden = self._forward()
         committed: list[_Row] = []
         for lo in range(0, len(active), self.logit_rows):
             group = active[lo : lo + self.logit_rows]
@@ -306,10 +326,9 @@ class Engine:
                 for j, (r, _) in enumerate(going_on):
                     r.self_conditioning = soft[j : j + 1]
         yield from _commit(committed)
-        going_on = [r for r in committed if r.finish_reason is None]
-        if going_on:
-            self.runner.commit([r.canvas for r in going_on], [r.row for r in going_on])
-            for r in going_on:
+        for r in committed:
+            if r.finish_reason is None:  # encoded at the next step, with the next canvas's first step
+                r.pending = r.canvas
                 _new_canvas(r, model.config.canvas_length, model.config.vocab_size)
         self._release([r for r in active if r.finish_reason is not None])
 

@@ -1,8 +1,10 @@
 """The model calls of an engine step: eager (CPU, the reference path), or replayed from CUDA graphs.
 
 On the GPU a step's forward is thousands of small kernels; replaying a captured graph launches them all
-at once. Two kinds of graph, each per batch bucket (1, 2, 4, 8 ... rows, up to the engine's rows): the
-denoise forward (final hidden states) and the commit (encode one canvas per row into the cache). A batch
+at once. Three kinds of graph, each per batch bucket (1, 2, 4, 8 ... rows, up to the engine's rows): the
+denoise forward (final hidden states), the commit (encode one canvas per row into the cache) and the two
+fused (commit a canvas and take the next canvas's first denoise step in one forward, reading the weights
+once instead of twice; `fuse_commit=False` runs the commit and the denoise graphs instead). A batch
 is padded to its bucket with the cache's scratch row (the last one, never given to a request), whose
 output is dropped. Graphs are captured on first use and share one memory pool. Inputs go through
 static buffers; a denoise output is a view of the graph's own buffer, valid until the next call.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +29,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: a static runner without graphs runs `forward` each time
+    forward: Callable[[], torch.Tensor | None]
     ids_BC: torch.Tensor
     rows_B: torch.Tensor
     starts_B: torch.Tensor
     soft_BCD: torch.Tensor | None = None
+    commit_BC: torch.Tensor | None = None
     hidden_BCD: torch.Tensor | None = None
+
+    def replay(self) -> None:
+        if self.graph is None:
+            self.hidden_BCD = self.forward()
+        else:
+            self.graph.replay()
 
 
 def buckets_for(num_rows: int) -> tuple[int, ...]:
@@ -47,16 +57,30 @@ def buckets_for(num_rows: int) -> tuple[int, ...]:
 class DenoiseRunner:
     """`hidden(...)`: the denoiser's hidden states for a batch of canvases; `commit(...)`: encode them.
 
-    With graphs, the cache's last row is scratch (padding); requests use rows 0 .. batch_size - 2."""
+    `static` runs the graphs' forwards (static shapes, padded batches) without capturing them: on the
+    CPU, tests check the fused and padded paths through the engine. With graphs or `static`, the cache's
+    last row is scratch (padding); requests use rows 0 .. batch_size - 2."""
 
-    def __init__(self, model: DiffusionGemma, cache: KVCache, *, graphs: bool | None = None):
+    def __init__(
+        self,
+        model: DiffusionGemma,
+        cache: KVCache,
+        *,
+        graphs: bool | None = None,
+        static: bool | None = None,
+        fuse_commit: bool = True,
+    ):
         self.model = model
         self.cache = cache
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
+        self.static = self.graphs if static is None else static
+        self.fuse_commit = fuse_commit
         if self.graphs and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if self.graphs and cache.batch_size < 2:
-            raise ValueError("with CUDA graphs the cache needs a scratch row beside the request rows")
+        if self.graphs and not self.static:
+            raise ValueError("CUDA graphs capture the static forwards: graphs=True needs static")
+        if self.static and cache.batch_size < 2:
+            raise ValueError("the static forwards need a scratch row in the cache beside the request rows")
         self.scratch_row = cache.batch_size - 1
         self.buckets = buckets_for(max(1, cache.batch_size - 1))
         self._captured: dict[tuple[str, int], _Graph] = {}
@@ -71,7 +95,7 @@ class DenoiseRunner:
     ) -> torch.Tensor:
         """canvases: [1, C] token ids per row; soft: [1, C, D] self-conditioning embeddings (None on a
         canvas's first step); rows and starts: cache rows and prefix lengths. Returns [B, C, D]."""
-        if not self.graphs:
+        if not self.static:
             return self._eager(canvases, soft, rows)
         graph = self._load("denoise", canvases, rows, starts)
         for i, s in enumerate(soft):
@@ -79,17 +103,33 @@ class DenoiseRunner:
                 graph.soft_BCD[i].zero_()
             else:
                 graph.soft_BCD[i].copy_(s[0])
-        graph.graph.replay()
+        graph.replay()
         return graph.hidden_BCD[: len(rows)]
 
     def commit(self, canvases: Sequence[torch.Tensor], rows: Sequence[int]) -> None:
         """Encode one canvas [1, C] per row at the end of its prefix (the cache's lengths advance)."""
-        if not self.graphs:
+        if not self.static:
             self.model.encode(torch.cat(list(canvases)), self.cache, rows=list(rows))
             return
         self.cache.check_room(rows, canvases[0].shape[-1])
-        self._load("commit", canvases, rows, self.cache.lengths(rows)).graph.replay()
+        self._load("commit", canvases, rows, self.cache.lengths(rows)).replay()
         self.cache.advance(rows, canvases[0].shape[-1])
+
+    def commit_and_hidden(
+        self, commits: Sequence[torch.Tensor], canvases: Sequence[torch.Tensor], rows: Sequence[int]
+    ) -> torch.Tensor:
+        """`commit(commits, rows)`, then `hidden` of each row's next canvas on its first step (no
+        self-conditioning signal): with the static forwards and `fuse_commit`, one forward for both.
+        Returns [B, C, D]."""
+        if not (self.static and self.fuse_commit):
+            self.commit(commits, rows)
+            return self.hidden(canvases, [None] * len(rows), rows, self.cache.lengths(rows))
+        self.cache.check_room(rows, commits[0].shape[-1])
+        graph = self._load("commit_denoise", canvases, rows, self.cache.lengths(rows))
+        graph.commit_BC[: len(rows)].copy_(torch.cat(list(commits)))
+        graph.replay()
+        self.cache.advance(rows, commits[0].shape[-1])
+        return graph.hidden_BCD[: len(rows)]
 
     def _load(self, kind: str, canvases, rows, starts) -> _Graph:
         b = len(rows)
@@ -121,22 +161,37 @@ class DenoiseRunner:
             return self._captured[kind, size]
         model, device = self.model, self.model.device
         c, d = model.config.canvas_length, model.config.hidden_size
-        g = _Graph(
-            graph=torch.cuda.CUDAGraph(),
-            ids_BC=torch.zeros(size, c, dtype=torch.long, device=device),
-            rows_B=torch.full((size,), self.scratch_row, dtype=torch.long, device=device),
-            starts_B=torch.zeros(size, dtype=torch.long, device=device),
-        )
+        ids = torch.zeros(size, c, dtype=torch.long, device=device)
+        rows = torch.full((size,), self.scratch_row, dtype=torch.long, device=device)
+        starts = torch.zeros(size, dtype=torch.long, device=device)
+        soft = commit = None
         if kind == "denoise":
-            g.soft_BCD = torch.zeros(size, c, d, dtype=model.dtype, device=device)
+            soft = torch.zeros(size, c, d, dtype=model.dtype, device=device)
 
             def forward():
-                return model.denoise_static(g.ids_BC, g.soft_BCD, self.cache, g.rows_B, g.starts_B)
+                return model.denoise_static(ids, soft, self.cache, rows, starts)
+        elif kind == "commit_denoise":
+            commit = torch.zeros_like(ids)
+
+            def forward():
+                return model.commit_denoise_static(commit, ids, self.cache, rows, starts)
         else:  # warm-up and capture write only the scratch row (every row index is the scratch row)
 
             def forward():
-                return model.encode_static(g.ids_BC, self.cache, g.rows_B, g.starts_B)
+                return model.encode_static(ids, self.cache, rows, starts)
 
+        g = _Graph(
+            graph=torch.cuda.CUDAGraph() if self.graphs else None,
+            forward=forward,
+            ids_BC=ids,
+            rows_B=rows,
+            starts_B=starts,
+            soft_BCD=soft,
+            commit_BC=commit,
+        )
+        if not self.graphs:
+            self._captured[kind, size] = g
+            return g
         began = time.perf_counter()
         # warm up on a side stream (compiles the Triton kernels, fills lazy caches), then capture
         side = torch.cuda.Stream()

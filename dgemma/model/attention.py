@@ -45,25 +45,35 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(e, eps)
         self.v_norm = RMSNorm(e, eps, with_scale=False)
 
-    def linear(self, name: str, x: torch.Tensor, *, denoise: bool) -> torch.Tensor:
+    def linear(self, name: str, x: torch.Tensor, *, denoise: bool, split: int | None = None) -> torch.Tensor:
+        """The projection `name` in one mode, or with `split`: tokens before it in encode mode, the rest
+        in denoise mode (the modes differ only in their biases, when the model has any)."""
+        if split is not None:
+            if self.encoder_bias is None:  # one weight, no bias: the modes are the same function
+                return self.linear(name, x, denoise=True)
+            return torch.cat(
+                [
+                    self.linear(name, x[:, :split], denoise=False),
+                    self.linear(name, x[:, split:], denoise=True),
+                ],
+                dim=1,
+            )
         biases = self.decoder_bias if denoise else self.encoder_bias
         module, bias = getattr(self, name), None if biases is None else biases[name]
         if module._forward_hooks:  # LoRA adapters (dgemma.train.lora) hook the projection
             return module(x) if bias is None else module(x) + bias
         return F.linear(x, module.weight, bias)
 
-    def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, denoise: bool):
-        """q [B, T, H, E], k and v [B, T, K, E], normed; q and k rotated (V never is)."""
+    def project(self, x_BTD: torch.Tensor, cos, sin, *, denoise: bool, split: int | None = None):
+        """q [B, T, H, E], k and v [B, T, K, E], normed; q and k rotated (V never is); `split` as in
+        `linear`."""
         b, t, _ = x_BTD.shape
         e, kv = self.spec.head_dim, self.spec.num_kv_heads
-        q = apply_rope(self.q_norm(self.linear("q_proj", x_BTD, denoise=denoise).view(b, t, -1, e)), cos, sin)
-        k_raw = self.linear("k_proj", x_BTD, denoise=denoise).view(b, t, kv, e)
+        mode = {"denoise": denoise, "split": split}
+        q = apply_rope(self.q_norm(self.linear("q_proj", x_BTD, **mode).view(b, t, -1, e)), cos, sin)
+        k_raw = self.linear("k_proj", x_BTD, **mode).view(b, t, kv, e)
         # full layers have no v_proj: V is the raw k_proj output (before k_norm and RoPE)
-        v_raw = (
-            self.linear("v_proj", x_BTD, denoise=denoise).view(b, t, kv, e)
-            if self.v_proj is not None
-            else k_raw
-        )
+        v_raw = self.linear("v_proj", x_BTD, **mode).view(b, t, kv, e) if self.v_proj is not None else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         return q, k, self.v_norm(v_raw)
 
@@ -191,3 +201,29 @@ class Attention(nn.Module):
         visible = (k_pos_BS >= 0)[:, None, :] & self.causal_mask(q_pos_BT[:, :, None], k_pos_BS[:, None, :])
         out = self.attend(q, k_pre, v_pre, visible[:, None])
         return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
+
+    def commit_denoise_static(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,
+                              starts_B: torch.Tensor):  # fmt: skip
+        """`encode_static` of a finished canvas and `denoise_static` of the next one in one call: the
+        first half of the T = 2C tokens is the canvas to commit (encode mode, at starts_B), the second
+        the next canvas (denoise mode, at starts_B + C). All K/V go to the row's positions from starts_B
+        on (the commit's for good, the canvas's into the scratch past the new prefix); the commit sees
+        its past causally, the canvas the new prefix (the last `window - 1` positions of it in a
+        sliding layer) and the whole canvas, exactly as the two calls one after the other."""
+        b, t, _ = x_BTD.shape
+        c = t // 2
+        q, k, v = self.project(x_BTD, cos, sin, denoise=True, split=c)
+        pos_BT = starts_B[:, None] + torch.arange(t, device=x_BTD.device)
+        last = cache.capacity - 1  # only the engine's scratch row, which pads a batch, reaches past it
+        cache.write(layer, (rows_B[:, None], pos_BT.clamp(max=last)), k, v)
+        k_pos_BS = self.prefix_positions(starts_B, t, cache.capacity)
+        k_all, v_all = cache.gather(layer, rows_B, k_pos_BS.clamp(0, last))
+        k_pos = k_pos_BS[:, None, :]
+        commit_sees = self.causal_mask(pos_BT[:, :c, None], k_pos)
+        prefix_end = (starts_B + c)[:, None, None]  # the canvas's prefix ends after the commit
+        canvas_sees = k_pos < prefix_end + c
+        if self.spec.window is not None:
+            canvas_sees &= k_pos >= prefix_end - (self.spec.window - 1)
+        visible = (k_pos >= 0) & torch.cat([commit_sees, canvas_sees.expand(-1, c, -1)], dim=1)
+        out = self.attend(q, k_all, v_all, visible[:, None])
+        return self.linear("o_proj", out.reshape(b, t, -1), denoise=True, split=c)

@@ -66,10 +66,14 @@ class Layer(nn.Module):
         h2 = h2.reshape(r_BTD.shape)
         return r_BTD + self.post_feedforward_layernorm(h1 + self.post_feedforward_layernorm_2(h2))
 
-    def forward(self, x, attend, *, denoise: bool, invariant: bool = True):
-        """`attend(normed_x) -> h` is the attention call of the mode (the model binds cache and rows)."""
+    def forward(self, x, attend, *, denoise: bool, invariant: bool = True, split: int | None = None):
+        """`attend(normed_x) -> h` is the attention call of the mode (the model binds cache and rows);
+        with `split`, tokens before it are in encode mode and the rest in denoise mode."""
         r = x + self.post_attention_layernorm(attend(self.input_layernorm(x)))
         scalar = self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
+        if split is not None:
+            encoder_T1 = torch.arange(x.shape[1], device=x.device)[:, None] < split
+            scalar = torch.where(encoder_T1, self.encoder_layer_scalar, self.decoder_layer_scalar)
         if self.checkpoint_feed_forward and torch.is_grad_enabled():
             out = checkpoint(self.feed_forward, r, invariant=invariant, use_reentrant=False)
         else:
@@ -233,16 +237,17 @@ class DiffusionGemma(nn.Module):
 
         return self._layers(x, positions, attention, denoise=denoise, invariant=invariant)
 
-    def _layers(self, x, positions, attention, *, denoise: bool, invariant: bool):
-        """Every layer, then the final norm; `attention(i, layer, cos, sin)` gives layer i's attend."""
+    def _layers(self, x, positions, attention, *, denoise: bool, invariant: bool, split: int | None = None):
+        """Every layer, then the final norm; `attention(i, layer, cos, sin)` gives layer i's attend.
+        With `split`, tokens before it are in encode mode, and only the others are returned."""
         tables = {}
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]
             key = (spec.rope, spec.head_dim)
             if key not in tables:
                 tables[key] = self._rope(spec, positions, x.dtype)
-            x = layer(x, attention(i, layer, *tables[key]), denoise=denoise, invariant=invariant)
-        return self.norm(x)
+            x = layer(x, attention(i, layer, *tables[key]), denoise=denoise, invariant=invariant, split=split)
+        return self.norm(x if split is None else x[:, split:])
 
     @property
     def embed_scale(self) -> float:
@@ -362,6 +367,32 @@ class DiffusionGemma(nn.Module):
             return lambda h: layer.self_attn.encode_static(h, cos, sin, cache, i, rows_B, starts_B)
 
         self._layers(x, positions, attention, denoise=False, invariant=False)
+
+    def commit_denoise_static(
+        self,
+        commit_ids_BC: torch.Tensor,
+        canvas_ids_BC: torch.Tensor,
+        cache: KVCache,
+        rows_B: torch.Tensor,
+        starts_B: torch.Tensor,
+    ) -> torch.Tensor:
+        """`encode_static` of the finished canvases commit_ids_BC at starts_B, then the first
+        `denoise_static` step (no self-conditioning signal) of the next canvases canvas_ids_BC, in one
+        forward: the weights are read once for both. Returns the next canvases' hidden states [B, C, D];
+        the caller advances the cache's lengths by C. Each layer writes the commit's K/V before the
+        canvas attends to them (`Attention.commit_denoise_static`)."""
+        c = canvas_ids_BC.shape[1]
+        if cache.scratch < c:
+            raise ValueError(f"the cache needs {c} scratch positions a row, it has {cache.scratch}")
+        x = torch.cat(
+            [self._embed(commit_ids_BC), self.self_conditioning(self._embed(canvas_ids_BC), None)], 1
+        )
+        positions = starts_B[:, None] + torch.arange(2 * c, device=x.device)
+
+        def attention(i, layer, cos, sin):
+            return lambda h: layer.self_attn.commit_denoise_static(h, cos, sin, cache, i, rows_B, starts_B)
+
+        return self._layers(x, positions, attention, denoise=True, invariant=False, split=c)
 
     def soft_embedding(self, logits_BCV: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(D): the expected embedding under the previous step's distribution."""

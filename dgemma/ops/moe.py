@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -29,7 +28,8 @@ ACTIVATIONS = ("gelu_pytorch_tanh", "silu")
 
 @dataclass(frozen=True, kw_only=True)
 class MoeConfig:
-    """Tile sizes and pipelining for both kernels (benchmarks sweep these)."""
+    """Tile sizes and pipelining of both kernels (benchmarks sweep these). Both share block_m (the
+    alignment of the pairs); the down kernel's other settings default to the gate-up kernel's."""
 
     block_m: int = 16
     block_n: int = 64
@@ -38,17 +38,36 @@ class MoeConfig:
     num_stages: int = 4
     swap_ab: bool = False  # weights as the left operand (see _tile_dot)
     down_block_k: int = 64
+    down_block_n: int | None = None
+    down_num_warps: int | None = None
+    down_num_stages: int | None = None
+    down_swap_ab: bool | None = None
+
+    def down(self) -> dict:
+        """The down kernel's block_n, num_warps, num_stages and swap_ab."""
+        return {
+            "block_n": self.down_block_n or self.block_n,
+            "num_warps": self.down_num_warps or self.num_warps,
+            "num_stages": self.down_num_stages or self.num_stages,
+            "swap_ab": self.swap_ab if self.down_swap_ab is None else self.down_swap_ab,
+        }
 
 
 def default_config(num_pairs: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> MoeConfig:
-    """Blocks of ~the tokens each expert sees: 16 at one canvas, up to 64 with several (measured on the
-    H100: bench/results/). float32 tiles are twice the bytes: shallower ones fit in shared memory."""
+    """Tiles for about the tokens each expert sees, from the H100 sweep of `dgemma bench --sections
+    moe` (bench/results/2026-11-22_h100_fused_commit_moe_sweep.json): 16 at one 256-token canvas
+    (weight streaming); 32, 64 and 128 at 2, 4 and 8 canvases (closer to compute-bound: taller blocks,
+    a wider down tile). float32 tiles are twice the bytes: shallower ones fit in shared memory."""
     if dtype == torch.float32:
         return MoeConfig(block_m=16, block_n=64, block_k=64, num_stages=3)
     per_expert = num_pairs / num_experts
     if per_expert <= 24:
         return MoeConfig(block_m=16)
-    return MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=8)
+    if per_expert <= 48:
+        return MoeConfig(block_m=32, num_stages=5, swap_ab=True, down_num_stages=4)
+    if per_expert <= 96:
+        return MoeConfig(block_m=64, block_k=64)
+    return MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=8, down_block_n=256, down_num_stages=3)
 
 
 ALIGN_BLOCK = 128  # pairs (and blocks) an align program handles
@@ -252,64 +271,77 @@ def moe(
     """sum_k weights[n, k] * down_e(act(gate_e x_n) * up_e x_n) over each token's experts e = index[n, k]."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"the MoE kernel supports activations {ACTIVATIONS}, not {activation!r}")
-    num_tokens, hidden = x_ND.shape
-    num_experts, twice_i, _ = gate_up_XQD.shape
-    inter, top_k = twice_i // 2, index_NK.shape[1]
-    num_pairs = num_tokens * top_k
-    cfg = config or default_config(num_pairs, num_experts, x_ND.dtype)
-    x_ND = x_ND.contiguous()
-    gate_up_XQD, down_XDI = gate_up_XQD.contiguous(), down_XDI.contiguous()
-    pair_of_slot, block_expert = align(index_NK, num_experts, cfg.block_m)
-    num_blocks = block_expert.numel()
-    h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=x_ND.dtype)
-    y_PD = torch.empty(num_pairs, hidden, device=x_ND.device, dtype=x_ND.dtype)
+    num_tokens, top_k = index_NK.shape
+    cfg = config or default_config(num_tokens * top_k, gate_up_XQD.shape[0], x_ND.dtype)
+    slots = align(index_NK, gate_up_XQD.shape[0], cfg.block_m)
+    h_SI = gate_up(x_ND, gate_up_XQD, slots, top_k, activation=activation, config=cfg)
+    y_PD = down(h_SI, down_XDI, slots, weights_NK, config=cfg)
+    return y_PD.view(num_tokens, top_k, -1).sum(1)
+
+
+def _check_slots(slots: tuple[torch.Tensor, torch.Tensor], config: MoeConfig) -> None:
+    pair_of_slot, block_expert = slots
+    if pair_of_slot.numel() != block_expert.numel() * config.block_m:
+        raise ValueError(
+            f"the pair slots were aligned to blocks of {pair_of_slot.numel() // block_expert.numel()}, "
+            f"the config's block_m is {config.block_m}"
+        )
+
+
+def _launch(dtype: torch.dtype, *, num_warps: int, num_stages: int, swap_ab: bool) -> dict:
     # float32 models multiply in full float32 (Triton's default for float32 is TF32)
-    precision = "ieee" if x_ND.dtype == torch.float32 else "tf32"
-    launch = {
-        "num_warps": cfg.num_warps,
-        "num_stages": cfg.num_stages,
-        "SWAP_AB": cfg.swap_ab,
-        "PRECISION": precision,
-    }
-    _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return {"num_warps": num_warps, "num_stages": num_stages, "SWAP_AB": swap_ab, "PRECISION": precision}
+
+
+def gate_up(
+    x_ND: torch.Tensor,
+    gate_up_XQD: torch.Tensor,
+    slots: tuple[torch.Tensor, torch.Tensor],
+    top_k: int,
+    *,
+    activation: str,
+    config: MoeConfig,
+) -> torch.Tensor:
+    """h [S, I] = act(x @ gate_e^T) * (x @ up_e^T) per pair slot of `align`'s (pair_of_slot, block_expert)."""
+    _check_slots(slots, config)
+    pair_of_slot, block_expert = slots
+    x_ND, gate_up_XQD = x_ND.contiguous(), gate_up_XQD.contiguous()
+    num_experts, twice_i, hidden = gate_up_XQD.shape
+    inter, cfg = twice_i // 2, config
+    h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=x_ND.dtype)
+    _gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
         x_ND, gate_up_XQD, h_SI, pair_of_slot, block_expert,
-        num_pairs, top_k, hidden, inter, num_experts,
+        x_ND.shape[0] * top_k, top_k, hidden, inter, num_experts,
         x_ND.stride(0), gate_up_XQD.stride(0), gate_up_XQD.stride(1), h_SI.stride(0),
-        ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
+        ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        **_launch(x_ND.dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab),
     )  # fmt: skip
+    return h_SI
+
+
+def down(
+    h_SI: torch.Tensor,
+    down_XDI: torch.Tensor,
+    slots: tuple[torch.Tensor, torch.Tensor],
+    weights_NK: torch.Tensor,
+    *,
+    config: MoeConfig,
+) -> torch.Tensor:
+    """y [P, D] = weight of the pair * (h @ down_e^T), one row per (token, expert) pair."""
+    _check_slots(slots, config)
+    pair_of_slot, block_expert = slots
+    down_XDI = down_XDI.contiguous()
+    num_experts, hidden, inter = down_XDI.shape
+    num_pairs = weights_NK.numel()
+    tiles = config.down()
+    y_PD = torch.empty(num_pairs, hidden, device=h_SI.device, dtype=h_SI.dtype)
     route_P = weights_NK.reshape(-1).float().contiguous()
-    _down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
+    _down_kernel[(block_expert.numel(), triton.cdiv(hidden, tiles["block_n"]))](
         h_SI, down_XDI, y_PD, pair_of_slot, block_expert, route_P,
         num_pairs, hidden, inter, num_experts,
         h_SI.stride(0), down_XDI.stride(0), down_XDI.stride(1), y_PD.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.down_block_k, **launch,
+        BLOCK_M=config.block_m, BLOCK_N=tiles["block_n"], BLOCK_K=config.down_block_k,
+        **_launch(h_SI.dtype, **{k: tiles[k] for k in ("num_warps", "num_stages", "swap_ab")}),
     )  # fmt: skip
-    return y_PD.view(num_tokens, top_k, hidden).sum(1)
-
-
-def moe_grouped_mm(
-    x_ND: torch.Tensor,
-    gate_up_XQD: torch.Tensor,
-    down_XDI: torch.Tensor,
-    weights_NK: torch.Tensor,
-    index_NK: torch.Tensor,
-    *,
-    activation: str = "gelu_pytorch_tanh",
-) -> torch.Tensor:
-    """The same function through torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper): pairs
-    sorted by expert, one grouped matmul per projection. No host synchronisation (graph-safe)."""
-    num_tokens, hidden = x_ND.shape
-    num_experts, top_k = gate_up_XQD.shape[0], index_NK.shape[1]
-    flat = index_NK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x_ND.device)
-    counts.scatter_add_(0, flat.to(torch.int32), torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    x_sorted = x_ND[order // top_k]
-    gate_up = torch._grouped_mm(x_sorted, gate_up_XQD.transpose(-2, -1), offs=offsets)
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = F.gelu(gate, approximate="tanh") if activation == "gelu_pytorch_tanh" else F.silu(gate)
-    y_sorted = torch._grouped_mm(act * up, down_XDI.transpose(-2, -1), offs=offsets)
-    y_P = torch.empty_like(y_sorted)
-    y_P[order] = (y_sorted * weights_NK.reshape(-1)[order, None]).to(y_sorted.dtype)
-    return y_P.view(num_tokens, top_k, hidden).sum(1)
+    return y_PD
