@@ -3,6 +3,9 @@ else runs and whenever it was admitted; cancelled requests free their rows; over
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from dgemma import SamplingParams
@@ -90,3 +93,19 @@ def test_overload_and_oversized_requests_are_refused_with_the_numbers(llm):
     long_request = requests(llm, ["word " * 40], max_new_tokens=80)[0]
     with pytest.raises(CapacityError, match="cache positions"):
         Engine(llm.model, slots=1, max_length=64, decode=llm._decode).submit(long_request)
+
+
+def test_a_dropped_engine_is_freed_at_once(llm):
+    """No reference cycle keeps an engine (its cache, its CUDA graphs) alive until the garbage collector
+    runs: on the GPU that could happen during another engine's graph capture and break it."""
+    gc.disable()
+    try:
+        engine = Engine(llm.model, slots=1, max_length=64, decode=llm._decode, graphs=False, static=True)
+        engine.submit(requests(llm, PROMPTS[:1], max_new_tokens=16)[0])
+        engine.step()  # the static forwards are built (a graph's buffers and its forward)
+        assert engine.runner._captured
+        runner, cache = weakref.ref(engine.runner), weakref.ref(engine.cache)
+        del engine
+        assert runner() is None and cache() is None
+    finally:
+        gc.enable()

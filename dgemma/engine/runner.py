@@ -159,7 +159,10 @@ class DenoiseRunner:
     def _graph(self, kind: str, size: int) -> _Graph:
         if (kind, size) in self._captured:
             return self._captured[kind, size]
-        model, device = self.model, self.model.device
+        # the forwards hold the model and the cache, never the runner: a cycle back to it would keep a
+        # dropped engine's graphs alive until the garbage collector runs, which may be during a capture
+        # (destroying a graph then invalidates the capture)
+        model, cache, device = self.model, self.cache, self.model.device
         c, d = model.config.canvas_length, model.config.hidden_size
         ids = torch.zeros(size, c, dtype=torch.long, device=device)
         rows = torch.full((size,), self.scratch_row, dtype=torch.long, device=device)
@@ -169,16 +172,16 @@ class DenoiseRunner:
             soft = torch.zeros(size, c, d, dtype=model.dtype, device=device)
 
             def forward():
-                return model.denoise_static(ids, soft, self.cache, rows, starts)
+                return model.denoise_static(ids, soft, cache, rows, starts)
         elif kind == "commit_denoise":
             commit = torch.zeros_like(ids)
 
             def forward():
-                return model.commit_denoise_static(commit, ids, self.cache, rows, starts)
+                return model.commit_denoise_static(commit, ids, cache, rows, starts)
         else:  # warm-up and capture write only the scratch row (every row index is the scratch row)
 
             def forward():
-                return model.encode_static(ids, self.cache, rows, starts)
+                return model.encode_static(ids, cache, rows, starts)
 
         g = _Graph(
             graph=torch.cuda.CUDAGraph() if self.graphs else None,
