@@ -312,6 +312,61 @@ def _vocab_fused_vs_spec(model: DiffusionGemma, prompt_len: int, canvases: int =
     }
 
 
+def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
+    """A layer's fused glue kernels (dgemma.ops.norm) vs the torch ops they replace, in the model's
+    dtype on real-size rows: the share of output elements that are bitwise equal, and the largest
+    difference relative to the output's scale."""
+    from dgemma.model.layers import apply_rope
+    from dgemma.ops.norm import ff_combine, norm_rope, residual_norms
+
+    layer, d = model.layers[0], model.config.hidden_size
+    gen = torch.Generator("cuda").manual_seed(0)
+    x, attn, mlp_out, experts_out = (
+        torch.randn(1, tokens, d, device="cuda", generator=gen).to(model.dtype) for _ in range(4)
+    )
+    e = model.config.layers[0].head_dim
+    q = torch.randn(1, tokens, model.config.num_heads, e, device="cuda", generator=gen).to(model.dtype)
+    angles = torch.rand(1, tokens, e // 2, device="cuda", generator=gen) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(model.dtype) for f in (torch.cos, torch.sin))
+    attn_layer, eps = layer.self_attn, layer.input_layernorm.eps
+    fused = [
+        *residual_norms(
+            x, attn, layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight,
+            layer.pre_feedforward_layernorm_2.weight, layer.router.scale, layer.router.root, eps,
+        ),
+        ff_combine(
+            x, mlp_out, experts_out, layer.post_feedforward_layernorm_1.weight,
+            layer.post_feedforward_layernorm_2.weight, layer.post_feedforward_layernorm.weight,
+            layer.decoder_layer_scalar, eps,
+        ),
+        norm_rope(q, attn_layer.q_norm.weight, cos, sin, eps),
+    ]  # fmt: skip
+    model.use_kernels = False
+    try:
+        r = x + layer.post_attention_layernorm(attn)
+        mixed = layer.post_feedforward_layernorm(
+            layer.post_feedforward_layernorm_1(mlp_out) + layer.post_feedforward_layernorm_2(experts_out)
+        )
+        torch_ops = [
+            r,
+            layer.pre_feedforward_layernorm(r),
+            layer.pre_feedforward_layernorm_2(r),
+            layer.router.norm(r) * layer.router.scale * layer.router.root,
+            (x + mixed) * layer.decoder_layer_scalar,
+            apply_rope(attn_layer.q_norm(q), cos, sin),
+        ]
+    finally:
+        model.use_kernels = True
+    names = ["residual", "pre_ff_norm", "pre_ff_norm_2", "router_input", "ff_combine", "q_norm_rope"]
+    return {
+        name: {
+            "bitwise_equal": float((f == t).float().mean()),
+            "max_abs_err_vs_scale": float((f.float() - t.float()).abs().max() / t.float().abs().max()),
+        }
+        for name, f, t in zip(names, fused, torch_ops)
+    }
+
+
 def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     """The fast path against the pure-torch path: (1) one full-size expert layer in bf16 (the kernels'
     own error); (2) the whole model in bf16 (random weights amplify rounding through 30 layers and
@@ -330,6 +385,7 @@ def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     want = layer.experts(x, weights, index)
     layer.experts.use_kernel = True
     out["experts_layer_bf16_rel_err"] = rel_err(got, want)
+    out["fused_glue_bf16"] = _glue_vs_torch(model)
     out["full_model_bf16"] = _fast_vs_pure(model, prompt_len)
     with torch.inference_mode():
         out["vocab_fused_vs_spec_bf16"] = _vocab_fused_vs_spec(model, prompt_len)
@@ -606,6 +662,7 @@ def run_bench(
     record["build_s"] = round(time.perf_counter() - began, 2)
     record["parameters"] = parameter_counts(model.config)["total"]
     record["weights_gb"] = gigabytes(weight_bytes(model))
+    record["copy_gbps"] = copy_bandwidth_gbps()  # the roofline's bandwidth (plot, docs)
     torch.cuda.reset_peak_memory_stats()
 
     def section(name, fn):
@@ -696,7 +753,7 @@ def plot(record: dict, path: Path) -> None:
     counts = sorted(int(k.split("_")[2]) for k in canv if k.startswith("step_ms_"))
     if not counts:
         return
-    copy = (record.get("moe") or {}).get("copy_gbps")
+    copy = record.get("copy_gbps") or (record.get("moe") or {}).get("copy_gbps")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(counts, [canv[f"step_ms_{n}_canvases"] for n in counts], "o-", label="dgemma denoise step")
     if copy:

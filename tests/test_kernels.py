@@ -275,3 +275,91 @@ def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
         rtol = 1e-4 if dtype == torch.float32 else 8e-3
         torch.testing.assert_close(f.signal, s.signal, rtol=rtol, atol=1e-7)
     assert 0 < int(spec[0].accepted) < c  # some positions accepted, some renoised: both branches checked
+
+
+@needs_interpreter
+def test_fused_layer_glue_kernels_match_the_torch_ops():
+    """residual_norms, ff_combine and norm_rope against the RMSNorm modules, adds and apply_rope they
+    replace (float32: the interpreter's bf16 casts truncate; bf16 is checked on the device)."""
+    from dgemma.model.layers import RMSNorm, apply_rope
+    from dgemma.ops.norm import ff_combine, norm_rope, residual_norms
+
+    torch.manual_seed(0)
+    b, t, d, eps = 2, 5, 48, 1e-6
+    norms = [RMSNorm(d, eps) for _ in range(6)]
+    for n in norms:
+        n.weight.data.uniform_(0.5, 1.5)
+    plain = RMSNorm(d, eps, with_scale=False)
+    scale, root = torch.rand(d) + 0.5, d**-0.5
+    x, attn, mlp_out, experts_out = (torch.randn(b, t, d) for _ in range(4))
+    with torch.no_grad():
+        r = x + norms[0](attn)
+        want = (r, norms[1](r), norms[2](r), plain(r) * scale * root)
+        got = residual_norms(x, attn, norms[0].weight, norms[1].weight, norms[2].weight, scale, root, eps)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        weights = [n.weight for n in norms[3:]]
+        mixed = r + norms[5](norms[3](mlp_out) + norms[4](experts_out))
+        for scalar in (
+            torch.tensor([0.7]),
+            torch.linspace(0.5, 1.5, t)[:, None],
+        ):  # one value, one per position
+            got = ff_combine(r, mlp_out, experts_out, *weights, scalar, eps)
+            torch.testing.assert_close(got, mixed * scalar, rtol=1e-5, atol=1e-5)
+        # the experts' per-token terms [B, T, K, D], summed in the kernel
+        terms = torch.randn(b, t, 3, d)
+        got = ff_combine(r, mlp_out, terms, *weights, torch.tensor([0.7]), eps)
+        want = (r + norms[5](norms[3](mlp_out) + norms[4](terms.sum(2)))) * 0.7
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="layer scalar"):
+            ff_combine(r, mlp_out, experts_out, *weights, torch.ones(t + 1), eps)
+        heads, e = 3, 16
+        q = torch.randn(b, t, heads, e)
+        angles = torch.rand(b, t, e // 2) * 6
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        qn = RMSNorm(e, eps)
+        qn.weight.data.uniform_(0.5, 1.5)
+        torch.testing.assert_close(
+            norm_rope(q, qn.weight, cos, sin, eps), apply_rope(qn(q), cos, sin), rtol=1e-5, atol=1e-5
+        )
+
+
+@needs_interpreter
+def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
+    """The wiring: Layer and Attention through the fused kernels (forced on, on the CPU: norms, experts
+    summed in ff_combine) vs the plain modules, in both modes and mixed (the fused commit's split)."""
+    import dgemma.model.attention as attention_module
+    import dgemma.model.diffusion_gemma as model_module
+    import dgemma.model.layers as layers_module
+
+    lengths = [3, 20]
+    model, cache = model_and_cache(lengths)
+    for i, layer in enumerate(model.layers):
+        layer.encoder_layer_scalar.fill_(0.5 + 0.1 * i)
+        layer.decoder_layer_scalar.fill_(1.5 - 0.1 * i)
+        for name, p in layer.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith(".scale"):
+                p.data.uniform_(0.5, 1.5)
+    c = model.config.canvas_length
+    gen = torch.Generator().manual_seed(7)
+    commit, canvas = (torch.randint(0, 300, (2, c), generator=gen) for _ in range(2))
+    rows, starts = torch.tensor([1, 0]), torch.tensor([20, 3])
+
+    def run():
+        twin = KVCache(model.config.layers, batch_size=3, max_length=cache.max_length, device="cpu",
+                       dtype=torch.float32, scratch=cache.scratch)  # fmt: skip
+        for store, again in zip(cache.keys + cache.values, twin.keys + twin.values):
+            again.copy_(store)
+        with torch.inference_mode():
+            soft = torch.randn(2, c, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+            return (
+                model.denoise_static(canvas, soft * 0.1, twin, rows, starts),
+                model.commit_denoise_static(commit, canvas, twin, rows, starts),
+            )
+
+    plain = run()
+    for module in (attention_module, model_module, layers_module):  # every kernel, the experts' too
+        monkeypatch.setattr(module, "kernels_apply", lambda x: True)
+    fused = run()
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5)

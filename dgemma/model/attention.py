@@ -19,7 +19,7 @@ from torch import nn
 
 from dgemma.cache.kv_cache import KVCache
 from dgemma.model.config import LayerSpec
-from dgemma.model.layers import RMSNorm, apply_rope
+from dgemma.model.layers import RMSNorm, apply_rope, kernels_apply
 
 
 class Attention(nn.Module):
@@ -70,11 +70,19 @@ class Attention(nn.Module):
         b, t, _ = x_BTD.shape
         e, kv = self.spec.head_dim, self.spec.num_kv_heads
         mode = {"denoise": denoise, "split": split}
-        q = apply_rope(self.q_norm(self.linear("q_proj", x_BTD, **mode).view(b, t, -1, e)), cos, sin)
+        q_raw = self.linear("q_proj", x_BTD, **mode).view(b, t, -1, e)
         k_raw = self.linear("k_proj", x_BTD, **mode).view(b, t, kv, e)
         # full layers have no v_proj: V is the raw k_proj output (before k_norm and RoPE)
         v_raw = self.linear("v_proj", x_BTD, **mode).view(b, t, kv, e) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        if self.q_norm.use_kernel and kernels_apply(q_raw):  # each norm and its rotation in one kernel
+            from dgemma.ops.norm import norm_rope
+
+            q, k = (
+                norm_rope(z, n.weight, cos, sin, n.eps)
+                for z, n in ((q_raw, self.q_norm), (k_raw, self.k_norm))
+            )
+        else:
+            q, k = apply_rope(self.q_norm(q_raw), cos, sin), apply_rope(self.k_norm(k_raw), cos, sin)
         return q, k, self.v_norm(v_raw)
 
     def attend(self, q_BTHE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor, mask=None):

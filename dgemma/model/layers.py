@@ -105,8 +105,11 @@ class Router(nn.Module):
         self.root = hidden**-0.5
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.norm(x_ND) * self.scale * self.root
-        probs_NX = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        return self.route(self.norm(x_ND) * self.scale * self.root)
+
+    def route(self, h_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, index) [N, K] from the router's input already normed and scaled."""
+        probs_NX = F.softmax(self.proj(h_ND), dim=-1, dtype=torch.float32)
         weights_NK, index_NK = torch.topk(probs_NX, k=self.top_k, dim=-1)
         weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return weights_NK * self.per_expert_scale[index_NK], index_NK
@@ -127,6 +130,21 @@ class Experts(nn.Module):
         # loop (the spec the kernels are checked against)
         self.use_kernel = True
 
+    def terms(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor) -> torch.Tensor:
+        """The kernels' weight * expert output of each (token, expert) pair [N, K, D], before the sum
+        over K (where `kernel_applies`)."""
+        from dgemma.ops.moe import moe
+
+        return moe(
+            x_ND,
+            self.gate_up_proj,
+            self.down_proj,
+            weights_NK,
+            index_NK,
+            activation=self.act_name,
+            summed=False,
+        )
+
     def kernel_applies(self, x_ND: torch.Tensor) -> bool:
         return (
             self.use_kernel
@@ -144,11 +162,7 @@ class Experts(nn.Module):
         in the batch. BLAS takes other code paths for tiny matrices, so grouping tokens of several rows
         into one matmul would make a seeded request's numbers depend on its neighbours."""
         if self.kernel_applies(x_ND):
-            from dgemma.ops.moe import moe
-
-            return moe(
-                x_ND, self.gate_up_proj, self.down_proj, weights_NK, index_NK, activation=self.act_name
-            )
+            return self.terms(x_ND, weights_NK, index_NK).sum(1)
         out_ND = torch.zeros_like(x_ND)
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
         delta = self.weight_delta() if self.weight_delta is not None else None

@@ -267,16 +267,19 @@ def moe(
     *,
     activation: str = "gelu_pytorch_tanh",
     config: MoeConfig | None = None,
+    summed: bool = True,
 ) -> torch.Tensor:
-    """sum_k weights[n, k] * down_e(act(gate_e x_n) * up_e x_n) over each token's experts e = index[n, k]."""
+    """sum_k weights[n, k] * down_e(act(gate_e x_n) * up_e x_n) over each token's experts e = index[n, k]
+    [N, D]; with summed=False the terms themselves [N, K, D] (a caller that sums them in a later
+    kernel saves a pass)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"the MoE kernel supports activations {ACTIVATIONS}, not {activation!r}")
     num_tokens, top_k = index_NK.shape
     cfg = config or default_config(num_tokens * top_k, gate_up_XQD.shape[0], x_ND.dtype)
     slots = align(index_NK, gate_up_XQD.shape[0], cfg.block_m)
     h_SI = gate_up(x_ND, gate_up_XQD, slots, top_k, activation=activation, config=cfg)
-    y_PD = down(h_SI, down_XDI, slots, weights_NK, config=cfg)
-    return y_PD.view(num_tokens, top_k, -1).sum(1)
+    y_NKD = down(h_SI, down_XDI, slots, weights_NK, config=cfg).view(num_tokens, top_k, -1)
+    return y_NKD.sum(1) if summed else y_NKD
 
 
 def _check_slots(slots: tuple[torch.Tensor, torch.Tensor], config: MoeConfig) -> None:

@@ -39,3 +39,150 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         num_warps=4 if d <= 1024 else 8,
     )
     return out.view(x.shape)
+
+
+# -- a layer's glue, fused: each of these replaces several norms, adds and multiplies -----------------
+# Every intermediate is rounded to the activations' dtype where the torch composition rounds it (each
+# torch op returns a tensor of that dtype), so the fused kernels compute the same function.
+
+
+@triton.jit
+def _normed(x, D, eps):
+    """x * (mean(x^2) + eps)^-0.5 in float32 (masked lanes of x are 0)."""
+    return x / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+
+
+@triton.jit
+def _residual_norms_kernel(
+    x_ptr, a_ptr, w_attn_ptr, w_ff1_ptr, w_ff2_ptr, router_scale_ptr,
+    r_ptr, n1_ptr, n2_ptr, router_ptr, D, eps, root, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = r_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    w_attn = tl.load(w_attn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    attn = (_normed(a, D, eps) * w_attn).to(dtype).to(tl.float32)
+    r = (x + attn).to(dtype).to(tl.float32)
+    tl.store(r_ptr + row * D + offs, r.to(dtype), mask=mask)
+    y = _normed(r, D, eps)
+    w1 = tl.load(w_ff1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ff2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(router_scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(n1_ptr + row * D + offs, (y * w1).to(dtype), mask=mask)
+    tl.store(n2_ptr + row * D + offs, (y * w2).to(dtype), mask=mask)
+    h = (y.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32) * root
+    tl.store(router_ptr + row * D + offs, h.to(dtype), mask=mask)
+
+
+def residual_norms(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    w_attn: torch.Tensor,
+    w_ff1: torch.Tensor,
+    w_ff2: torch.Tensor,
+    router_scale: torch.Tensor,
+    root: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual after attention and the three norms of it that the feed-forward blocks read:
+    r = x + norm(attn) * w_attn; (r, norm(r) * w_ff1, norm(r) * w_ff2, norm(r) * router_scale * root)."""
+    d = x.shape[-1]
+    x2, a2 = x.contiguous().view(-1, d), attn.contiguous().view(-1, d)
+    r, n1, n2, h = (torch.empty_like(x2) for _ in range(4))
+    _residual_norms_kernel[(x2.shape[0],)](
+        x2, a2, w_attn, w_ff1, w_ff2, router_scale, r, n1, n2, h, d, eps, root,
+        BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8,
+    )  # fmt: skip
+    return tuple(t.view(x.shape) for t in (r, n1, n2, h))
+
+
+@triton.jit
+def _ff_combine_kernel(
+    r_ptr, m_ptr, e_ptr, w_m_ptr, w_e_ptr, w_ptr, scalar_ptr, out_ptr,
+    D, T, K, scalar_stride, eps, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    m = tl.load(m_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(K):  # the experts' terms, summed in float32 and rounded once (as torch's sum)
+        e += tl.load(e_ptr + (row * K + k) * D + offs, mask=mask, other=0.0).to(tl.float32)
+    e = e.to(dtype).to(tl.float32)
+    w_m = tl.load(w_m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w_e = tl.load(w_e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mixed = (_normed(m, D, eps) * w_m).to(dtype).to(tl.float32) + (_normed(e, D, eps) * w_e).to(dtype).to(
+        tl.float32
+    )
+    mixed = mixed.to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (r + (_normed(mixed, D, eps) * w).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    scalar = tl.load(scalar_ptr + (row % T) * scalar_stride).to(tl.float32)
+    tl.store(out_ptr + row * D + offs, (out * scalar).to(dtype), mask=mask)
+
+
+def ff_combine(
+    r: torch.Tensor,
+    mlp_out: torch.Tensor,
+    experts_out: torch.Tensor,
+    w_mlp: torch.Tensor,
+    w_experts: torch.Tensor,
+    w: torch.Tensor,
+    scalar: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """(r + norm(norm(mlp_out) * w_mlp + norm(experts) * w_experts) * w) * scalar, for r [B, T, D];
+    experts_out is [B, T, D], or [B, T, K, D]: each token's K expert terms, summed here first. scalar
+    holds one value, or one per position [T, 1] (a layer whose tokens mix the two modes)."""
+    b, t, d = r.shape
+    k = experts_out.shape[2] if experts_out.dim() == 4 else 1
+    outs = [z.contiguous().view(-1, d) for z in (r, mlp_out, experts_out)]
+    out = torch.empty_like(outs[0])
+    flat = scalar.reshape(-1)
+    if flat.numel() not in (1, t):
+        raise ValueError(f"the layer scalar needs 1 or {t} values, got {flat.numel()}")
+    _ff_combine_kernel[(b * t,)](
+        *outs, w_mlp, w_experts, w, flat, out, d, t, k, 0 if flat.numel() == 1 else flat.stride(0), eps,
+        BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8,
+    )  # fmt: skip
+    return out.view(r.shape)
+
+
+@triton.jit
+def _norm_rope_kernel(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, eps, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # one (token, head) row of E values
+    token = row // H
+    half = E // 2
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    partner = tl.where(offs < half, offs + half, offs - half)  # rotate_half's pairs (i, i + E/2)
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * E + offs, mask=mask, other=0.0).to(tl.float32)
+    x_p = tl.load(x_ptr + row * E + partner, mask=mask, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
+    y = (x * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    y_p = (x_p * inv * tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+    y_p = tl.where(offs < half, -y_p.to(tl.float32), y_p.to(tl.float32))
+    cos = tl.load(cos_ptr + token * E + offs, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * E + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (y * cos).to(dtype).to(tl.float32) + (y_p * sin).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * E + offs, out.to(dtype), mask=mask)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
+    """apply_rope(norm(x) * weight, cos, sin) for x [B, T, H, E] and tables cos, sin [B, T, E]."""
+    b, t, h, e = x.shape
+    x2 = x.contiguous()
+    out = torch.empty_like(x2)
+    _norm_rope_kernel[(b * t * h,)](
+        x2, weight, cos.contiguous(), sin.contiguous(), out, e, h, eps,
+        BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
+    )  # fmt: skip
+    return out
