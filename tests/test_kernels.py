@@ -363,3 +363,31 @@ def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
     fused = run()
     for f, p in zip(fused, plain):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 3])
+def test_attention_over_the_cache_in_place_matches_sdpa(splits, monkeypatch):
+    """attend_cache (keys read where the cache keeps them, split over programs and merged) against
+    SDPA over the gathered run of each row's keys, float32, two rows of different ranges."""
+    import dgemma.ops.attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "BLOCK_M", 16)
+    monkeypatch.setattr(attention_ops, "tiles", lambda *_: (16, 1))  # several key blocks per split
+    monkeypatch.setattr(attention_ops, "splits_for", lambda programs: splits)
+    torch.manual_seed(0)
+    b, c, h, kv, e, positions = 2, 12, 4, 2, 16, 80
+    q = torch.randn(b, c, h, e)
+    k_cache, v_cache = torch.randn(3, kv, positions, e), torch.randn(3, kv, positions, e)
+    rows, lo, hi = torch.tensor([2, 0]), torch.tensor([5, 0]), torch.tensor([70, 33])
+    got = attention_ops.attend_cache(q, k_cache, v_cache, rows, lo, hi)
+    for i in range(b):
+        k = k_cache[rows[i], :, lo[i] : hi[i]].repeat_interleave(h // kv, dim=0)
+        v = v_cache[rows[i], :, lo[i] : hi[i]].repeat_interleave(h // kv, dim=0)
+        want = torch.nn.functional.scaled_dot_product_attention(q[i].transpose(0, 1), k, v, scale=1.0)
+        torch.testing.assert_close(got[i], want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert attention_ops.supports(512, torch.bfloat16) and not attention_ops.supports(512, torch.float32)
+    with pytest.raises(ValueError, match="head dim 48"):
+        attention_ops.attend_cache(
+            torch.randn(1, 2, 2, 48), k_cache[..., :48], v_cache[..., :48], rows, lo, hi
+        )

@@ -188,6 +188,16 @@ class Attention(nn.Module):
         q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         b, c, _ = x_BCD.shape
         cache.write(layer, (rows_B[:, None], starts_B[:, None] + torch.arange(c, device=x_BCD.device)), k, v)
+        if self.q_norm.use_kernel and kernels_apply(q) and _in_place(self.spec.head_dim, q.dtype):
+            # the keys are one run of the row's positions: read in place (dgemma.ops.attention)
+            from dgemma.ops.attention import attend_cache
+
+            if self.spec.window is None:
+                lo_B = torch.zeros_like(starts_B)
+            else:
+                lo_B = (starts_B - (self.spec.window - 1)).clamp(min=0)
+            out = attend_cache(q, cache.keys[layer], cache.values[layer], rows_B, lo_B, starts_B + c)
+            return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)
         pos_BS = self.prefix_positions(starts_B, c, cache.capacity)
         visible_BS = (pos_BS >= 0) & (pos_BS < starts_B[:, None] + c)
         k_all, v_all = cache.gather(layer, rows_B, pos_BS.clamp(min=0))
@@ -235,3 +245,9 @@ class Attention(nn.Module):
         visible = (k_pos >= 0) & torch.cat([commit_sees, canvas_sees.expand(-1, c, -1)], dim=1)
         out = self.attend(q, k_all, v_all, visible[:, None])
         return self.linear("o_proj", out.reshape(b, t, -1), denoise=True, split=c)
+
+
+def _in_place(head_dim: int, dtype: torch.dtype) -> bool:
+    from dgemma.ops.attention import supports
+
+    return supports(head_dim, dtype)

@@ -1,0 +1,168 @@
+"""The canvas's attention over the cache, read in place (the spec is `Attention.denoise_static`'s
+gather and masked SDPA call in model/attention.py).
+
+Shape legend: B rows, C canvas tokens, H query heads, K key/value heads, G = H / K query heads per K/V
+head, E head dim, S cache positions a row stores.
+
+A row's visible keys are one run of its cache positions, [lo, hi): the prefix the layer shows the
+canvas (a sliding layer its last `window - 1` positions) and the canvas's own K/V just past it. So the
+kernel reads K and V where the cache keeps them (no gather, no mask tensor, no padded keys), and the G
+query heads that share a K/V head are one block of G * C query rows. Few rows give few programs, so the
+run of keys is split over several programs (`splits`), each with its own running max and sum, merged
+by a second kernel; with one split the first kernel writes the output itself. Softmax scale 1.0
+(q_norm and k_norm carry the scale), float32 accumulation, the probabilities rounded to V's dtype for
+the second matmul (as flash attention does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64  # folded query rows per program
+TARGET_PROGRAMS = 264  # about two per SM on an H100: below it, the keys are split
+
+
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel's tiles fit in shared memory: up to 512 in 2-byte dtypes (the release's full
+    layers), 256 in float32 (wider float32 heads keep the gather + SDPA path)."""
+    return head_dim & (head_dim - 1) == 0 and head_dim * torch.finfo(dtype).bits // 8 <= 1024
+
+
+def tiles(head_dim: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
+    """(keys per iteration, pipeline stages), from the H100 sweep in
+    bench/results/2026-11-22_h100_attention_tiles.json: narrow key blocks where the keys are split
+    over many programs (one canvas), wider ones where each program walks all of them (8 canvases)."""
+    if head_dim * torch.finfo(dtype).bits // 8 >= 1024:
+        return 32, 2
+    return (32, 3) if splits > 1 else (64, 3)
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, ml_ptr, rows_ptr, lo_ptr, hi_ptr,
+    C, H, G, KV, GC, num_splits, stride_kr, stride_kh, stride_ks,
+    E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bk // KV
+    kv = pid_bk % KV
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    lo = tl.load(lo_ptr + b).to(tl.int32)
+    hi = tl.load(hi_ptr + b).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + pid_s * per_split
+    end = tl.minimum(hi, start + per_split)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # folded rows f = g * C + t
+    m_ok = offs_m < GC
+    g = offs_m // C
+    t = offs_m % C
+    head = kv * G + g
+    offs_e = tl.arange(0, E)
+    q_rows = (b * C + t).to(tl.int64) * H + head  # q and out are [B, C, H, E]
+    q = tl.load(q_ptr + q_rows[:, None] * E + offs_e[None, :], mask=m_ok[:, None], other=0.0)
+    kv_base = row * stride_kr + kv * stride_kh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, E), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kv_offs = kv_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_e[None, :]
+        k = tl.load(k_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if DIRECT:  # one split: the output itself
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_rows[:, None] * E + offs_e[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None])  # fmt: skip
+    else:  # this split's share: [splits, B * K * G * C] running max and sum, [.., E] weighted values
+        part = (pid_s * (tl.num_programs(1) * GC) + pid_bk * GC + offs_m).to(tl.int64)
+        tl.store(acc_ptr + part[:, None] * E + offs_e[None, :], acc, mask=m_ok[:, None])
+        tl.store(ml_ptr + part * 2, m_i, mask=m_ok)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=m_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr, ml_ptr, out_ptr, C, H, G, KV, GC, num_splits, E: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # one folded row of one (row, K/V head)
+    rows_total = tl.num_programs(0)
+    f = pid % GC
+    bk = pid // GC
+    b = bk // KV
+    kv = bk % KV
+    offs_e = tl.arange(0, E)
+    m_max = tl.load(ml_ptr + pid.to(tl.int64) * 2)
+    for s in range(1, num_splits):
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + (s * rows_total + pid).to(tl.int64) * 2))
+    w = tl.exp(tl.load(ml_ptr + pid.to(tl.int64) * 2) - m_max)  # 0 for a split that saw no key
+    den = w * tl.load(ml_ptr + pid.to(tl.int64) * 2 + 1)
+    num = w * tl.load(acc_ptr + pid.to(tl.int64) * E + offs_e)
+    for s in range(1, num_splits):
+        part = (s * rows_total + pid).to(tl.int64)
+        w = tl.exp(tl.load(ml_ptr + part * 2) - m_max)
+        den += w * tl.load(ml_ptr + part * 2 + 1)
+        num += w * tl.load(acc_ptr + part * E + offs_e)
+    head = kv * G + f // C
+    out_row = (b * C + f % C).to(tl.int64) * H + head
+    tl.store(out_ptr + out_row * E + offs_e, (num / den).to(out_ptr.dtype.element_ty))
+
+
+def splits_for(num_programs: int) -> int:
+    return max(1, min(8, -(-TARGET_PROGRAMS // num_programs)))
+
+
+def attend_cache(
+    q_BCHE: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows_B: torch.Tensor,
+    lo_B: torch.Tensor,
+    hi_B: torch.Tensor,
+) -> torch.Tensor:
+    """softmax(q k^T) v for each row's canvas queries q [B, C, H, E] over the keys at cache positions
+    lo_B[b] <= p < hi_B[b] of cache row rows_B[b] (k_cache, v_cache [rows, K, S, E]); [B, C, H, E].
+    No host synchronisation: rows and key ranges are device tensors (CUDA-graph safe)."""
+    b, c, h, e = q_BCHE.shape
+    kv = k_cache.shape[1]
+    if not supports(e, q_BCHE.dtype) or h % kv:
+        raise ValueError(
+            f"attend_cache takes power-of-two head dims of at most 1 KB a row and K dividing H, got head "
+            f"dim {e} in {q_BCHE.dtype}, H {h}, K {kv}"
+        )
+    q = q_BCHE.contiguous()
+    out = torch.empty_like(q)
+    gc = h // kv * c
+    m_blocks = triton.cdiv(gc, BLOCK_M)
+    splits = splits_for(m_blocks * b * kv)
+    acc = ml = out  # unused with one split
+    if splits > 1:
+        acc = torch.empty(splits, b * kv * gc, e, device=q.device, dtype=torch.float32)
+        ml = torch.empty(splits, b * kv * gc, 2, device=q.device, dtype=torch.float32)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_n, stages = tiles(e, q.dtype, splits)
+    _split_kernel[(m_blocks, b * kv, splits)](
+        q, k_cache, v_cache, out, acc, ml, rows_B, lo_B, hi_B,
+        c, h, h // kv, kv, gc, splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        E=e, BLOCK_M=BLOCK_M, BLOCK_N=block_n, DIRECT=splits == 1, PRECISION=precision,
+        num_warps=8 if e >= 256 else 4, num_stages=stages,
+    )  # fmt: skip
+    if splits > 1:
+        _merge_kernel[(b * kv * gc,)](acc, ml, out, c, h, h // kv, kv, gc, splits, E=e, num_warps=4)
+    return out
