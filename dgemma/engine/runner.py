@@ -55,7 +55,8 @@ def buckets_for(num_rows: int) -> tuple[int, ...]:
 
 
 class DenoiseRunner:
-    """`hidden(...)`: the denoiser's hidden states for a batch of canvases; `commit(...)`: encode them.
+    """`hidden(...)`: the denoiser's hidden states for a batch of canvases; `commit(...)`: encode them;
+    `commit_and_hidden(...)`: both, for a finished canvas and the next one's first step.
 
     `static` runs the graphs' forwards (static shapes, padded batches) without capturing them: on the
     CPU, tests check the fused and padded paths through the engine. With graphs or `static`, the cache's

@@ -184,7 +184,8 @@ class Attention(nn.Module):
         The canvas's K/V go to the row's scratch positions just past its prefix (the commit overwrites
         them), so prefix and canvas are one run of cache positions: a sliding layer gathers the last
         `window - 1` prefix positions and the canvas (positions before 0 are masked); a full layer reads
-        the row's whole storage, masked past the canvas."""
+        the row's whole storage, masked past the canvas. With the kernels (CUDA), the run is read in
+        place instead (`dgemma.ops.attention.attend_cache`): no gather, no mask."""
         q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         b, c, _ = x_BCD.shape
         cache.write(layer, (rows_B[:, None], starts_B[:, None] + torch.arange(c, device=x_BCD.device)), k, v)

@@ -91,8 +91,8 @@ class Layer(nn.Module):
         return out * scalar
 
     def _fused_forward(self, x_BTD, attn_BTD, scalar, *, invariant: bool) -> torch.Tensor:
-        """`forward` after attention with the norms, residual adds and the layer scalar fused into two
-        kernels (dgemma.ops.norm): the same function, a tenth of the launches."""
+        """`forward` after attention with the norms, residual adds, the experts' sum and the layer
+        scalar fused into two kernels (dgemma.ops.norm): the same function, far fewer launches."""
         from dgemma.ops.norm import ff_combine, residual_norms
 
         d, eps = x_BTD.shape[-1], self.input_layernorm.eps

@@ -8,7 +8,8 @@ intermediate, S pair slots (each expert's pairs padded to a multiple of BLOCK_M)
      to one expert.
   2. gate-up kernel: per (block, I tile), x[tokens] @ gate_e^T and @ up_e^T, then act(gate) * up -> h [S, I].
   3. down kernel: per (block, D tile), h @ down_e^T times the routing weight -> y [P, D], one row per pair.
-  4. out = y.view(N, K, D).sum(1): a fixed order, no atomics, so the result is deterministic.
+  4. out = y.view(N, K, D).sum(1): a fixed order, no atomics, so the result is deterministic (or the
+     caller sums the terms in a kernel of its own: the layer's `ff_combine`).
 
 At one 256-token canvas every expert sees ~16 tokens, so the kernels are weight-streaming: each block
 reads its expert's weight tiles once and the grid keeps an expert's blocks adjacent (they share the
