@@ -12,15 +12,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _normed(x, D, eps):
+    """x * (mean(x^2) + eps)^-0.5 in float32 (masked lanes of x are 0)."""
+    return x / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-    y = x / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = _normed(x, D, eps)
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _row_launch(d: int) -> dict:
+    """One program per row of d values, held in registers: the block and the warps for it."""
+    return {"BLOCK": triton.next_power_of_2(d), "num_warps": 4 if d <= 1024 else 8}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -35,8 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         d,
         eps,
         HAS_WEIGHT=weight is not None,
-        BLOCK=triton.next_power_of_2(d),
-        num_warps=4 if d <= 1024 else 8,
+        **_row_launch(d),
     )
     return out.view(x.shape)
 
@@ -44,12 +54,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # -- a layer's glue, fused: each of these replaces several norms, adds and multiplies -----------------
 # Every intermediate is rounded to the activations' dtype where the torch composition rounds it (each
 # torch op returns a tensor of that dtype), so the fused kernels compute the same function.
-
-
-@triton.jit
-def _normed(x, D, eps):
-    """x * (mean(x^2) + eps)^-0.5 in float32 (masked lanes of x are 0)."""
-    return x / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
 
 
 @triton.jit
@@ -94,7 +98,7 @@ def residual_norms(
     r, n1, n2, h = (torch.empty_like(x2) for _ in range(4))
     _residual_norms_kernel[(x2.shape[0],)](
         x2, a2, w_attn, w_ff1, w_ff2, router_scale, r, n1, n2, h, d, eps, root,
-        BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8,
+        **_row_launch(d),
     )  # fmt: skip
     return tuple(t.view(x.shape) for t in (r, n1, n2, h))
 
@@ -148,7 +152,7 @@ def ff_combine(
         raise ValueError(f"the layer scalar needs 1 or {t} values, got {flat.numel()}")
     _ff_combine_kernel[(b * t,)](
         *outs, w_mlp, w_experts, w, flat, out, d, t, k, 0 if flat.numel() == 1 else flat.stride(0), eps,
-        BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8,
+        **_row_launch(d),
     )  # fmt: skip
     return out.view(r.shape)
 
