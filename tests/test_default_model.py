@@ -36,8 +36,9 @@ def test_it_completes_python_on_cpu():
 
 def test_static_forwards_and_the_fused_commit_give_the_eager_answers():
     """The GPU's forwards (static shapes, batches padded with the scratch row, each finished canvas
-    encoded in the same forward as the next canvas's first step), run uncaptured on the CPU, give the
-    reference path's tokens, fused or not, with requests joining at different steps. (A trained model:
+    encoded in the same forward as the next canvas's first step, prompts admitted together encoded in
+    one padded forward), run uncaptured on the CPU, give the reference path's tokens, fused or not,
+    with requests joining at different steps. (A trained model:
     a random one's near-uniform distributions turn float32 rounding into different samples.)"""
     from dgemma.engine.generate import Engine
     from dgemma.outputs import GenerationOutput
@@ -64,3 +65,5 @@ def test_static_forwards_and_the_fused_commit_give_the_eager_answers():
     assert sorted(eager) == [0, 1, 2] and all(len(ids) == 70 for ids in eager.values())  # one commit each
     assert answers(graphs=False, static=True) == eager
     assert answers(graphs=False, static=True, fuse_commit=False) == eager
+    # the two prompts admitted together encoded in one padded forward, as on the GPU
+    assert answers(graphs=False, static=True, prefill_tokens=4096) == eager

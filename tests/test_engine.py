@@ -109,3 +109,39 @@ def test_a_dropped_engine_is_freed_at_once(llm):
         assert runner() is None and cache() is None
     finally:
         gc.enable()
+
+
+def test_prefill_groups_share_a_forward_within_the_budget_and_little_padding():
+    from dgemma.engine.generate import prefill_groups
+
+    assert prefill_groups([512] * 8, 4096) == [list(range(8))]
+    assert prefill_groups([512] * 9, 4096) == [list(range(8)), [8]]  # the budget
+    assert prefill_groups([100, 500, 480], 4096) == [[1, 2], [0]]  # longest first; 100 would be 80% padding
+    assert prefill_groups([5000, 10], 4096) == [[0], [1]]  # longer than the budget: alone
+    assert prefill_groups([30, 30], 0) == [[0], [1]]  # the CPU default: each prompt alone
+
+
+def test_prompts_of_different_lengths_encode_in_one_padded_forward(llm):
+    """`encode(..., lengths=...)` fills each row's cache as its own encode does (the padding's K/V lie
+    past the row's end) and advances each row by its real length."""
+    import torch
+
+    model = llm.model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+    alone = model.new_cache(batch_size=3, max_length=32)
+    for row, ids in enumerate(prompts):
+        model.encode(torch.tensor([ids]), alone, rows=[row])
+    padded = torch.zeros(3, 7, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    together = model.new_cache(batch_size=3, max_length=32)
+    hidden = model.encode(padded, together, lengths=[7, 3, 5])
+    assert together.lengths() == alone.lengths() == [7, 3, 5]
+    for layer in range(len(together.keys)):
+        for row, ids in enumerate(prompts):
+            n = len(ids)
+            for a, b in ((together.keys, alone.keys), (together.values, alone.values)):
+                torch.testing.assert_close(a[layer][row, :, :n], b[layer][row, :, :n], rtol=1e-5, atol=1e-5)
+    assert hidden.shape[:2] == (3, 7)
+    with pytest.raises(Exception, match="lengths"):
+        model.encode(padded, model.new_cache(batch_size=3, max_length=32), lengths=[7, 0, 5])

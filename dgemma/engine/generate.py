@@ -1,7 +1,8 @@
 """The generation engine (reference semantics, multi-canvas, continuous batching).
 
 `Engine` owns a KV cache of `slots` rows. Requests wait in a bounded queue until a row is free; each
-`step()` admits waiting requests (encodes their prompts into their rows), runs one batched `denoise`
+`step()` admits waiting requests (encodes their prompts into their rows; on the GPU, prompts
+admitted together share padded encode forwards, see `prefill_groups`), runs one batched `denoise`
 over every canvas still denoising (whatever its step), lets each canvas take its sampler step with its
 own generator, and commits the canvases that stopped: cut at the first EOS, trimmed to
 `max_new_tokens` and emitted at once. If the answer goes on, the canvas is encoded into the cache at the
@@ -34,6 +35,9 @@ from dgemma.params import DEFAULT_MAX_NEW_TOKENS, ResolvedParams
 from dgemma.text.stream import TextStream
 
 GPU_LOGIT_ROWS = 4  # canvases whose fp32 logits [C, V] a step holds at once on the GPU
+# prompt tokens (padding included) one encode forward takes on the GPU when several requests are
+# admitted at once; the CPU encodes each prompt alone (batch invariance, see docs/design.md)
+GPU_PREFILL_TOKENS = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +131,23 @@ def run(
         engine.clear()
 
 
+def prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Which prompts (indices into `lengths`) share an encode forward: longest first, a group grows
+    while rows x its longest prompt stays within `budget` tokens and at most a quarter of that is
+    padding. A budget below two prompts' length encodes each alone."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            padded = (len(group) + 1) * lengths[group[0]]
+            real = sum(lengths[j] for j in group) + lengths[i]
+            if padded <= budget and 4 * real >= 3 * padded:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 def plan_request(model: DiffusionGemma, request: Request, decode=None) -> tuple[int, int]:
     """(max_new_tokens it runs with, cache positions it needs: the last canvas is never encoded);
     raises if it can never run."""
@@ -157,6 +178,7 @@ class Engine:
         graphs: bool | None = None,
         static: bool | None = None,
         fuse_commit: bool = True,
+        prefill_tokens: int | None = None,
     ):
         if slots < 1 or max_waiting < 0:
             raise CapacityError(
@@ -177,6 +199,12 @@ class Engine:
         # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
         self.logit_rows = GPU_LOGIT_ROWS if model.device.type == "cuda" else slots
         self.vocab = VocabStage(model)
+        # prompts admitted together are encoded in groups of up to this many tokens (see prefill_groups)
+        self.prefill_tokens = (
+            (GPU_PREFILL_TOKENS if model.device.type == "cuda" else 0)
+            if prefill_tokens is None
+            else prefill_tokens
+        )
         self._no_draft = torch.full((1, model.config.canvas_length), -1, device=model.device)
         self.free: list[int] = list(range(slots))
         self.waiting: deque[_Row] = deque()
@@ -258,11 +286,20 @@ class Engine:
 
     def _admit(self) -> None:
         c, vocab = self.model.config.canvas_length, self.model.config.vocab_size
+        admitted = []
         while self.free and self.waiting:
             r = self.waiting.popleft()
             r.row = self.free.pop(0)
-            ids = torch.tensor([r.request.prompt_ids], device=self.model.device)
-            self.model.encode(ids, self.cache, rows=[r.row])  # prompts differ in length: one at a time
+            admitted.append(r)
+        prompts = [r.request.prompt_ids for r in admitted]
+        for group in prefill_groups([len(p) for p in prompts], self.prefill_tokens):
+            width = len(prompts[group[0]])  # the group's longest prompt
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            for j, i in enumerate(group):
+                ids[j, : len(prompts[i])] = torch.tensor(prompts[i])
+            lengths = [len(prompts[i]) for i in group]
+            self.model.encode(ids, self.cache, rows=[admitted[i].row for i in group], lengths=lengths)
+        for r in admitted:
             _new_canvas(r, c, vocab)
             self.active.append(r)
 

@@ -308,15 +308,32 @@ class DiffusionGemma(nn.Module):
             raise RequestError(f"{what} holds ids outside the vocabulary 0..{self.config.vocab_size - 1}")
         return ids.to(self.device, torch.long)
 
-    def encode(self, token_ids: torch.Tensor, cache: KVCache, *, rows: Sequence[int] | None = None):
-        """Append `token_ids` [B, T] to the cache rows (all rows, or `rows`); return hidden [B, T, D]."""
+    def encode(
+        self,
+        token_ids: torch.Tensor,
+        cache: KVCache,
+        *,
+        rows: Sequence[int] | None = None,
+        lengths: Sequence[int] | None = None,
+    ):
+        """Append `token_ids` [B, T] to the cache rows (all rows, or `rows`); return hidden [B, T, D].
+
+        `lengths`: each row's real token count, its ids right-padded to T (prompts of different lengths
+        in one forward). A row's cache advances by its length; the padding's K/V land past its end,
+        where no later read looks before the next write replaces them (causal attention keeps them
+        from the row's real tokens). The rows need room for T tokens each."""
         rows = cache.rows_or_all(rows)
         token_ids = self._check_ids(token_ids, "token_ids")
-        if token_ids.shape[0] != len(rows):
-            raise RequestError(f"token_ids has {token_ids.shape[0]} rows for {len(rows)} cache rows")
-        cache.check_room(rows, token_ids.shape[1])
+        b, t = token_ids.shape
+        if b != len(rows):
+            raise RequestError(f"token_ids has {b} rows for {len(rows)} cache rows")
+        lengths = [t] * b if lengths is None else [int(n) for n in lengths]
+        if len(lengths) != b or not all(0 < n <= t for n in lengths):
+            raise RequestError(f"lengths {lengths} must give each of the {b} rows 1 to {t} tokens")
+        cache.check_room(rows, t)
         hidden = self._run_layers(self._embed(token_ids), cache, rows, cache.lengths(rows), denoise=False)
-        cache.advance(rows, token_ids.shape[1])
+        for row, n in zip(rows, lengths):
+            cache.advance([row], n)
         return hidden
 
     def denoise_hidden(
