@@ -30,6 +30,8 @@ class LLM:
     >>> out = llm.generate("def fibonacci(n):", SamplingParams(max_new_tokens=128, seed=0))[0]
     >>> out.text, out.finish_reason, out.stats.tokens_per_forward
 
+    `quantization="fp8"` stores the experts' weights in FP8 as they load (dgemma.model.quant).
+
     The generation engine (its KV cache and, on the GPU, its captured CUDA graphs) is kept between
     calls, so a second call starts at once; it grows to the largest batch and length asked so far
     (`del llm` frees it). Not thread-safe: a server runs its own engine (dgemma.serve).
@@ -42,10 +44,13 @@ class LLM:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = False,
+        quantization: str | None = None,
     ):
         directory = resolve_checkpoint(DEFAULT_MODEL_DIR if model is None else model)
         self.path = directory
-        self.model = DiffusionGemma.from_pretrained(directory, device=device, dtype=dtype, progress=progress)
+        self.model = DiffusionGemma.from_pretrained(
+            directory, device=device, dtype=dtype, progress=progress, quantization=quantization
+        )
         self.tokenizer = Tokenizer.from_checkpoint(directory)
         self.chat_template = ChatTemplate.from_checkpoint(directory)
         self.defaults = DiffusionDefaults.from_checkpoint(directory, self.model.config.eos_token_ids)

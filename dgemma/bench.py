@@ -12,6 +12,7 @@ Steps are fixed (the stop test is switched off) so the numbers do not depend on 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import importlib.metadata
@@ -130,13 +131,13 @@ def kernel_ms(fn: Callable[[], object], *, reps: int = 20) -> float:
 # few tokens (block_m <= 32: weight streaming) and of many (block_m >= 64: closer to compute-bound).
 GATE_UP_TILES = {
     "few": [(64, 128, 4, 4, False), (64, 128, 4, 5, True), (128, 128, 4, 4, False), (64, 256, 4, 3, False),
-            (64, 128, 4, 4, True), (128, 128, 8, 4, True)],
+            (64, 128, 4, 4, True), (128, 128, 8, 4, True), (64, 256, 4, 4, False), (64, 256, 4, 3, True)],
     "many": [(128, 64, 8, 4, False), (128, 64, 8, 3, False), (64, 64, 4, 4, False), (128, 128, 8, 3, False),
              (64, 128, 4, 3, False), (128, 64, 4, 4, False), (256, 64, 8, 3, False)],
 }  # fmt: skip
 DOWN_TILES = {
     "few": [(64, 64, 4, 4, False), (64, 128, 4, 5, True), (128, 64, 4, 4, False), (64, 64, 4, 4, True),
-            (128, 128, 8, 4, True)],
+            (128, 128, 8, 4, True), (64, 128, 4, 4, False)],
     "many": [(128, 64, 8, 4, False), (128, 128, 8, 3, False), (256, 64, 8, 3, False), (64, 64, 4, 4, False),
              (128, 64, 4, 4, False), (256, 128, 8, 3, False), (64, 128, 4, 3, False)],
 }  # fmt: skip
@@ -154,16 +155,17 @@ def bench_moe(
     layer = model.layers[0]
     experts = layer.experts
     num_experts, top_k = model.config.num_experts, model.config.top_k_experts
-    nbytes = experts.gate_up_proj.numel() * 2 + experts.down_proj.numel() * 2
+    nbytes = sum(w.numel() * w.element_size() for w in (experts.gate_up_proj, experts.down_proj))
+    scales = {"gate_up_scale": experts.gate_up_scale, "down_scale": experts.down_scale}
     result = {"weight_bytes_per_layer": nbytes, "copy_gbps": copy_bandwidth_gbps(), "runs": [], "sweep": []}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n in tokens:
         x = torch.randn(n, model.config.hidden_size, device="cuda", generator=gen).to(model.dtype)
         weights, index = layer.router(x)
-        used = default_config(n * top_k, num_experts, x.dtype)
+        used = default_config(n * top_k, num_experts, x.dtype, experts.gate_up_proj.dtype)
 
         def call(x=x, weights=weights, index=index):
-            return moe(x, experts.gate_up_proj, experts.down_proj, weights, index)
+            return moe(x, experts.gate_up_proj, experts.down_proj, weights, index, **scales)
 
         ms = kernel_ms(call)
         gbps = round(nbytes / (ms / 1e3) / 1e9, 1)
@@ -174,7 +176,10 @@ def bench_moe(
             kind = "few" if block_m <= 32 else "many"
             slots = align(index, num_experts, block_m)
             base = dataclasses.replace(used, block_m=block_m)
-            h = gate_up(x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=base)
+            h = gate_up(
+                x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=base,
+                scale=experts.gate_up_scale,
+            )  # fmt: skip
             for kernel, tiles in (("gate_up", GATE_UP_TILES[kind]), ("down", DOWN_TILES[kind])):
                 for bn, bk, warps, stages, swap in tiles:
                     if kernel == "gate_up":
@@ -183,14 +188,16 @@ def bench_moe(
 
                         def run(cfg=cfg, x=x, slots=slots):
                             return gate_up(x, experts.gate_up_proj, slots, top_k,
-                                           activation=experts.act_name, config=cfg)  # fmt: skip
+                                           activation=experts.act_name, config=cfg,
+                                           scale=experts.gate_up_scale)  # fmt: skip
                     else:
                         cfg = MoeConfig(block_m=block_m, down_block_n=bn, down_block_k=bk,
                                         down_num_warps=warps, down_num_stages=stages,
                                         down_swap_ab=swap)  # fmt: skip
 
                         def run(cfg=cfg, h=h, slots=slots, weights=weights):
-                            return down(h, experts.down_proj, slots, weights, config=cfg)
+                            return down(h, experts.down_proj, slots, weights, config=cfg,
+                                        scale=experts.down_scale)  # fmt: skip
 
                     try:
                         ms = kernel_ms(run)
@@ -392,6 +399,8 @@ def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     small = release_config_dict()
     small["text_config"].update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
     two = DiffusionGemma.random(ModelConfig.from_dict(small), device="cuda", dtype=torch.float32, seed=1)
+    if model.quantization is not None:  # the same kernels: FP8 tiles widened to float32
+        two.quantize(model.quantization)
     out["two_layers_fp32"] = _fast_vs_pure(two, (two.config.layers[0].window or 0) + 100)
     del two
     torch.cuda.empty_cache()
@@ -623,16 +632,63 @@ def versions() -> dict:
     return out
 
 
-def build_model(config: ModelConfig | None, model_dir: str | None, dtype: torch.dtype) -> DiffusionGemma:
+def build_model(
+    config: ModelConfig | None, model_dir: str | None, dtype: torch.dtype, quantization: str | None = None
+) -> DiffusionGemma:
     if model_dir is not None:
-        return DiffusionGemma.from_pretrained(model_dir, device="cuda", dtype=dtype, progress=True)
-    return DiffusionGemma.random(config, device="cuda", dtype=dtype, seed=0)
+        return DiffusionGemma.from_pretrained(
+            model_dir, device="cuda", dtype=dtype, progress=True, quantization=quantization
+        )
+    return DiffusionGemma.random(config, device="cuda", dtype=dtype, seed=0)  # quantized by the caller
+
+
+def _one_step_logits(model: DiffusionGemma, prompt_len: int) -> torch.Tensor:
+    """fp32 logits [C, V] of one denoise step after a prompt (kernels, no graphs): fixed inputs."""
+    c = model.config.canvas_length
+    cache = model.new_cache(batch_size=1, max_length=prompt_len)
+    model.encode(torch.tensor([random_prompt(model, prompt_len, 7)], device=model.device), cache)
+    canvas = torch.tensor([random_prompt(model, c, 8)], device=model.device)
+    return model.denoise(canvas, cache)[0]
+
+
+def quantization_error(model: DiffusionGemma, quantization: str, prompt_len: int) -> dict:
+    """Quantize `model` in place and measure what it changes: one expert layer's output on one canvas of
+    tokens against the same layer in float32, before (bf16 rounding alone) and after (plus FP8), where
+    nothing amplifies the error; and one denoise step's logits before and after, which random weights
+    amplify (bf16 itself moves them by O(1) against float32: see docs/benchmarks.md)."""
+    experts = model.layers[0].experts
+    gen = torch.Generator(model.device).manual_seed(0)
+    x = torch.randn(model.config.canvas_length, model.config.hidden_size, device=model.device, generator=gen)
+    with torch.inference_mode():
+        weights, index = model.layers[0].router(x.to(model.dtype))
+        exact = copy.deepcopy(experts).float()
+        exact.use_kernel = False
+        want = exact(x, weights, index, num_rows=1)
+        del exact
+        layer_before = experts(x.to(model.dtype), weights, index)
+        logits_before = _one_step_logits(model, prompt_len)
+        began = time.perf_counter()
+        model.quantize(quantization)
+        sync()
+        seconds = time.perf_counter() - began
+        torch.cuda.empty_cache()  # the unquantized experts' memory goes back
+        layer_after = experts(x.to(model.dtype), weights, index)
+        logits_after = _one_step_logits(model, prompt_len)
+    agree = (logits_after.argmax(-1) == logits_before.argmax(-1)).float().mean().item()
+    return {
+        "quantize_s": round(seconds, 2),
+        "expert_layer_rel_err_bf16": rel_err(layer_before, want),
+        "expert_layer_rel_err_fp8": rel_err(layer_after, want),
+        "logits_rel_err_vs_bf16": rel_err(logits_after, logits_before),
+        "argmax_agreement_vs_bf16": round(agree, 4),
+    }
 
 
 def run_bench(
     *,
     config: ModelConfig | None,
     model_dir: str | None,
+    quantization: str | None = None,
     prompt_len: int = 512,
     steps: Sequence[int] = (13, 16),
     canvases: Sequence[int] = (1, 2, 4, 8),
@@ -646,6 +702,10 @@ def run_bench(
     """Run the sections in order; `record` is filled as they finish (on_section sees it each time)."""
     if not torch.cuda.is_available():
         raise RuntimeError("dgemma bench measures the GPU path and needs a CUDA device")
+    if quantization is not None and "transformers" in sections:
+        raise ValueError(
+            "--compare-transformers runs the reference on the same weights: not with --quantization"
+        )
     record = record if record is not None else {}
     dtype = torch.bfloat16
     record.update(
@@ -653,14 +713,17 @@ def run_bench(
         date=datetime.date.today().isoformat(),
         gpu=torch.cuda.get_device_name(),
         dtype="bfloat16",
+        quantization=quantization,
         versions=versions(),
         command="dgemma " + " ".join(sys.argv[1:]),
         prompt_len=prompt_len,
     )
     began = time.perf_counter()
-    model = build_model(config, model_dir, dtype)
+    model = build_model(config, model_dir, dtype, quantization)
     sync()
     record["build_s"] = round(time.perf_counter() - began, 2)
+    if quantization is not None and model.quantization is None:  # random weights: quantized here
+        record["quantization_error"] = quantization_error(model, quantization, prompt_len)
     record["parameters"] = parameter_counts(model.config)["total"]
     record["weights_gb"] = gigabytes(weight_bytes(model))
     record["copy_gbps"] = copy_bandwidth_gbps()  # the roofline's bandwidth (plot, docs)
@@ -710,7 +773,15 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     for key in ("denoise_step_ms", "canvas13_ms", "canvas16_ms", "prefill512_ms", "peak_memory_gb"):
         if key in record:
             rows.append((key, str(record[key])))
-    for name in ("first_canvas", "single", "canvases", "memory", "correctness", "transformers"):
+    for name in (
+        "quantization_error",
+        "first_canvas",
+        "single",
+        "canvases",
+        "memory",
+        "correctness",
+        "transformers",
+    ):
         for key, value in (record.get(name) or {}).items():
             rows.append((f"{name}.{key}", str(value)))
     for key, value in (record.get("transformers_ratios") or {}).items():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dgemma.errors import ConfigError, DgemmaError
+from dgemma.model.presets import QUANTIZATIONS
 
 DTYPES = {
     "bfloat16": "bfloat16",
@@ -38,6 +39,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU"
+    )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="store the experts' weights in FP8 as they load (half the bytes a step reads; default: none)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (stderr)")
 
@@ -137,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="release",
         help="'release' (the 26B-A4B config, default) or a config.json path; weights are random",
     )
+    bench.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="FP8 experts: the bench also measures the quantization's effect on the logits (default: none)",
+    )
     bench.add_argument("--prompt-len", type=int, default=512)
     bench.add_argument("--steps", default="13,16", help="fixed denoise steps per canvas (comma list)")
     bench.add_argument("--canvases", default="1,2,4,8", help="canvases per step to time (comma list)")
@@ -205,7 +218,13 @@ def _serve(args) -> int:
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    llm = LLM(_model_or_default(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
+    llm = LLM(
+        _model_or_default(args.model),
+        device=args.device,
+        dtype=dtype,
+        progress=sys.stderr.isatty(),
+        quantization=args.quantization,
+    )
     context = llm.model.config.max_position_embeddings
     max_context = args.max_context or context
     if not 0 < max_context <= context or args.max_running < 1 or args.max_waiting < 0:
@@ -262,6 +281,7 @@ def _bench(args) -> int:
     record = run_bench(
         config=config,
         model_dir=args.model,
+        quantization=args.quantization,
         prompt_len=args.prompt_len,
         steps=steps,
         canvases=_int_list(args.canvases, "--canvases"),
@@ -357,7 +377,13 @@ def _generate(args) -> int:
         confidence=args.confidence,
     )
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    llm = LLM(_model_or_default(args.model), device=args.device, dtype=dtype, progress=sys.stderr.isatty())
+    llm = LLM(
+        _model_or_default(args.model),
+        device=args.device,
+        dtype=dtype,
+        progress=sys.stderr.isatty(),
+        quantization=args.quantization,
+    )
     prompt: object = prompt_text
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [

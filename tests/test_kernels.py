@@ -60,6 +60,46 @@ def test_moe_kernels_match_the_expert_loop(activation, block_m, num_tokens, swap
 
 
 @needs_interpreter
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_fp8_experts_kernels_match_the_dequantized_loop(swap_ab):
+    """FP8 experts: the kernels (FP8 tiles widened in registers, the fp32 accumulator times each output
+    channel's scale) equal the spec's expert loop on the same quantized weights, and both stay within
+    FP8's rounding of the unquantized experts."""
+    from dgemma.model.quant import FP8, dequantize
+    from dgemma.ops.moe import MoeConfig, moe
+
+    torch.manual_seed(1)
+    num_experts, hidden, inter, top_k = 8, 64, 48, 2
+    experts = Experts(num_experts, hidden, inter, "gelu_pytorch_tanh")
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    with torch.no_grad():
+        experts.gate_up_proj[3, 5] = 0.0  # a zero channel: scale 1, not a division by zero
+    router = Router(hidden, num_experts, top_k, 1e-6)
+    torch.nn.init.normal_(router.proj.weight, std=0.5)
+    x = torch.randn(40, hidden)
+    with torch.no_grad():
+        weights, index = router(x)
+        unquantized = experts(x, weights, index)
+        experts.quantize_()
+        assert experts.quantized and experts.gate_up_proj.dtype == FP8 and experts.gate_up_scale[3, 5] == 1
+        expected = experts(x, weights, index)
+        config = MoeConfig(
+            block_m=16, block_n=32, block_k=32, down_block_k=16, down_block_n=32, swap_ab=swap_ab
+        )
+        got = moe(
+            x, experts.gate_up_proj, experts.down_proj, weights, index, config=config,
+            gate_up_scale=experts.gate_up_scale, down_scale=experts.down_scale,
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="scales"):
+            moe(x, experts.gate_up_proj, experts.down_proj, weights, index, config=config)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # e4m3 keeps 3 mantissa bits: each weight within 2^-4 of itself, the outputs within a few percent
+    w = dequantize(experts.gate_up_proj, experts.gate_up_scale)
+    assert w.norm() > 0 and (unquantized - expected).norm() / unquantized.norm() < 0.05
+
+
+@needs_interpreter
 def test_align_pads_each_expert_to_whole_blocks():
     from dgemma.ops.moe import align
 

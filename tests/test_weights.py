@@ -172,3 +172,42 @@ def test_release_config_spelling_and_save_pretrained_spelling_agree():
     assert [s.head_dim for s in a.layers] == [16, 16, 16, 32]
     assert [s.num_kv_heads for s in a.layers] == [2, 2, 2, 1]
     assert [s.has_v_proj for s in a.layers] == [True, True, True, False]
+
+
+def test_fp8_quantization_at_load_time(tiny_dir, tmp_path):
+    """`quantization="fp8"`: the experts load into FP8 with per-channel scales (the same as quantizing
+    the loaded model), every other weight as it was; the logits stay close to the unquantized model's;
+    a quantized model refuses to be saved or trained, and an unknown quantization is named."""
+    from dgemma.model.quant import FP8, dequantize
+
+    plain = DiffusionGemma.from_pretrained(tiny_dir, device="cpu")
+    loaded = DiffusionGemma.from_pretrained(tiny_dir, device="cpu", quantization="fp8")
+    after = DiffusionGemma.from_pretrained(tiny_dir, device="cpu").quantize("fp8")
+    assert plain.quantization is None and loaded.quantization == after.quantization == "fp8"
+    for name, p in loaded.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert p.dtype == FP8
+            assert torch.equal(p.float(), after.get_parameter(name).float())
+        else:
+            assert p.dtype == torch.float32 and torch.equal(p, plain.get_parameter(name))
+    experts = loaded.layers[0].experts
+    assert torch.equal(experts.down_scale, after.layers[0].experts.down_scale)
+    # each weight within e4m3's rounding: half a unit of 3 mantissa bits, or of the subnormal step
+    w, deq = plain.layers[0].experts.gate_up_proj, dequantize(experts.gate_up_proj, experts.gate_up_scale)
+    bound = 2**-4 * w.abs() + 2**-10 * experts.gate_up_scale[..., None]
+    assert ((deq - w).abs() <= bound * 1.001).all() and not torch.equal(deq, w)
+    # the quantized model computes exactly the unquantized one with the dequantized expert weights
+    with torch.no_grad():
+        for layer, q in zip(plain.layers, loaded.layers):
+            layer.experts.gate_up_proj.copy_(dequantize(q.experts.gate_up_proj, q.experts.gate_up_scale))
+            layer.experts.down_proj.copy_(dequantize(q.experts.down_proj, q.experts.down_scale))
+    with torch.inference_mode():
+        want, got = logits_of(plain), logits_of(loaded)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="quantized"):
+        save_checkpoint(loaded, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(RuntimeError, match="inference"):
+        logits_of(loaded)  # with autograd on: training needs the unquantized weights
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        DiffusionGemma.from_pretrained(tiny_dir, device="cpu", quantization="int3")

@@ -186,27 +186,58 @@ class DiffusionGemma(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = False,
+        quantization: str | None = None,
     ) -> DiffusionGemma:
         """Load a Hugging Face-layout checkpoint (local directory or Hub repo id) onto `device`.
 
         Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32. Weights stream into place
-        one tensor at a time (peak memory about one copy of the weights)."""
+        one tensor at a time (peak memory about one copy of the weights). `quantization="fp8"` stores
+        the experts in FP8 as they load (dgemma.model.quant): peak memory is the quantized model plus
+        one tensor."""
         from dgemma.model.weights import load_model, resolve_checkpoint
 
-        return load_model(resolve_checkpoint(path_or_repo_id), device=device, dtype=dtype, progress=progress)
+        return load_model(
+            resolve_checkpoint(path_or_repo_id),
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            quantization=quantization,
+        )
 
     @classmethod
-    def empty(cls, config: ModelConfig, *, device=None, dtype=None) -> DiffusionGemma:
+    def empty(
+        cls, config: ModelConfig, *, device=None, dtype=None, quantization: str | None = None
+    ) -> DiffusionGemma:
         """The model with uninitialised storage, allocated once on `device` (built on the meta device, so
-        there is no init pass and no second copy)."""
+        there is no init pass and no second copy); `quantization`: the experts' storage in FP8."""
+        from dgemma.model.quant import check_quantization
         from dgemma.model.weights import default_device_and_dtype
 
+        check_quantization(quantization)
         device, dtype = default_device_and_dtype(device, dtype)
         with torch.device("meta"):
             model = cls(config)
-        model = model.to(dtype).to_empty(device=device)
+        model = model.to(dtype)
+        if quantization is not None:
+            model.quantize(quantization)
+        model = model.to_empty(device=device)
         model.requires_grad_(False)
         return model.eval()
+
+    def quantize(self, quantization: str) -> DiffusionGemma:
+        """Store the experts' weights in FP8 (`quantization="fp8"`), in place, one layer at a time (peak
+        memory: the model plus one layer's experts in float32, chunked); returns the model."""
+        from dgemma.model.quant import check_quantization
+
+        check_quantization(quantization)
+        for layer in self.layers:
+            layer.experts.quantize_()
+        return self
+
+    @property
+    def quantization(self) -> str | None:
+        """ "fp8" when the experts are stored in FP8, else None."""
+        return "fp8" if self.layers[0].experts.quantized else None
 
     @classmethod
     def random(cls, config: ModelConfig, *, device=None, dtype=None, seed: int = 0, std: float = 0.02):

@@ -116,12 +116,18 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Fused expert weights: gate_up_proj [X, 2I, D], down_proj [X, D, I] (the checkpoint's layout)."""
+    """Fused expert weights: gate_up_proj [X, 2I, D], down_proj [X, D, I] (the checkpoint's layout).
+
+    `quantize_()` stores them in FP8 with float32 scales per output channel, gate_up_scale [X, 2I] and
+    down_scale [X, D] (dgemma.model.quant; inference only)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        # set by quantize_ (not in the checkpoint: quantization happens at load time)
+        self.register_buffer("gate_up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
         self.act = activation(act)
         self.act_name = act
         # LoRA on the experts (dgemma.train.lora) sets this: () -> (gate_up delta, down delta) or None
@@ -129,6 +135,40 @@ class Experts(nn.Module):
         # on CUDA, inference runs the grouped Triton kernels (dgemma.ops.moe); False forces this file's
         # loop (the spec the kernels are checked against)
         self.use_kernel = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.gate_up_scale is not None
+
+    def quantize_(self) -> None:
+        """Store both weights in FP8 with per-output-channel scales, in place (on the meta device: the
+        storage only, for a checkpoint to fill through `load_weight`)."""
+        from dgemma.model.quant import FP8, quantize_fp8
+
+        if self.quantized:
+            return
+        if self.weight_delta is not None:
+            raise ValueError("the experts carry LoRA adapters: merge them before quantizing")
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            if w.is_meta:
+                q = torch.empty_like(w, dtype=FP8)
+                scale = torch.empty(w.shape[:2], dtype=torch.float32, device="meta")
+            else:
+                q, scale = quantize_fp8(w.detach())
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
+            setattr(self, name.replace("_proj", "_scale"), scale)
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Set `gate_up_proj` or `down_proj` from a checkpoint tensor (quantized here if the experts are)."""
+        param = getattr(self, name)
+        if not self.quantized:
+            param.data.copy_(tensor)
+            return
+        from dgemma.model.quant import quantize_fp8
+
+        _, scale = quantize_fp8(tensor, out=param.data)
+        getattr(self, name.replace("_proj", "_scale")).copy_(scale)
 
     def terms(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor) -> torch.Tensor:
         """The kernels' weight * expert output of each (token, expert) pair [N, K, D], before the sum
@@ -143,6 +183,8 @@ class Experts(nn.Module):
             index_NK,
             activation=self.act_name,
             summed=False,
+            gate_up_scale=self.gate_up_scale,
+            down_scale=self.down_scale,
         )
 
     def kernel_applies(self, x_ND: torch.Tensor) -> bool:
@@ -163,6 +205,10 @@ class Experts(nn.Module):
         into one matmul would make a seeded request's numbers depend on its neighbours."""
         if self.kernel_applies(x_ND):
             return self.terms(x_ND, weights_NK, index_NK).sum(1)
+        if self.quantized and (torch.is_grad_enabled() or self.weight_delta is not None):
+            raise RuntimeError(
+                "FP8 experts are for inference: train (or apply LoRA to) the unquantized model"
+            )
         out_ND = torch.zeros_like(x_ND)
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
         delta = self.weight_delta() if self.weight_delta is not None else None
@@ -184,8 +230,16 @@ class Experts(nn.Module):
             sel = order[start : start + count]
             tokens = token_of[start : start + count]
             start += count
-            gate, up = F.linear(x_ND[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, down_proj[expert])
+            gate, up = self._project(x_ND[tokens], gate_up_proj, self.gate_up_scale, expert).chunk(2, dim=-1)
+            y = self._project(self.act(gate) * up, down_proj, self.down_scale, expert)
             # weights are fp32 (router softmax); multiply there, then cast, as the reference does
             out_ND.index_add_(0, tokens, (y * flat_weights[sel, None]).to(out_ND.dtype))
         return out_ND
+
+    @staticmethod
+    def _project(x: torch.Tensor, w_XOI: torch.Tensor, scale_XO: torch.Tensor | None, expert: int):
+        """x @ w[expert]^T in x's dtype; FP8 weights: in float32 times the output channels' scales,
+        then rounded once (where the kernel rounds)."""
+        if scale_XO is None:
+            return F.linear(x, w_XOI[expert])
+        return (F.linear(x.float(), w_XOI[expert].float()) * scale_XO[expert]).to(x.dtype)

@@ -54,6 +54,8 @@ _RELEASE = {
 # The embedded default model: a 13.7M-parameter Python code-completion DiffusionGemma trained with
 # scripts/train_default_model.py (MODEL_CARD.md beside its weights says how, on what, and how well).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+# load-time weight quantizations (dgemma.model.quant); here, without torch, for the CLI's choices
+QUANTIZATIONS = ("fp8",)
 
 RELEASE_GENERATION_CONFIG = {
     "max_denoising_steps": 48,

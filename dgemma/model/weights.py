@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from dgemma.errors import CheckpointError
 from dgemma.model.config import ModelConfig
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.quant import FP8_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,13 @@ def _tensor_names(files: list[Path]) -> dict[str, Path]:
     return where
 
 
-def load_model(directory: Path, *, device=None, dtype=None, progress: bool = False) -> DiffusionGemma:
+def load_model(
+    directory: Path, *, device=None, dtype=None, progress: bool = False, quantization: str | None = None
+) -> DiffusionGemma:
     config = ModelConfig.from_file(directory / "config.json")
     files = checkpoint_files(directory)
     where = _tensor_names(files)
-    model = DiffusionGemma.empty(config, device=device, dtype=dtype)
+    model = DiffusionGemma.empty(config, device=device, dtype=dtype, quantization=quantization)
     params = dict(model.named_parameters())
 
     # each parameter reads its canonical name, else the first tied alias the checkpoint has
@@ -160,7 +163,12 @@ def load_model(directory: Path, *, device=None, dtype=None, progress: bool = Fal
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for name, ours in readers.get(file, []):
                         tensor = handle.get_tensor(name)
-                        _copy_in(tensor, params[ours], file, name)
+                        _check_tensor(tensor, params[ours], file, name)
+                        owner, attr = ours.rsplit(".", 1)
+                        if params[ours].dtype in FP8_DTYPES:  # quantized as it loads
+                            model.get_submodule(owner).load_weight(attr, tensor)
+                        else:
+                            params[ours].data.copy_(tensor)
                         if bar is not None:
                             bar.advance(tensor.numel() * tensor.element_size())
             except (SafetensorError, OSError) as exc:
@@ -173,7 +181,7 @@ def load_model(directory: Path, *, device=None, dtype=None, progress: bool = Fal
     return model
 
 
-def _copy_in(tensor: torch.Tensor, param: torch.nn.Parameter, file: Path, name: str) -> None:
+def _check_tensor(tensor: torch.Tensor, param: torch.nn.Parameter, file: Path, name: str) -> None:
     if tuple(tensor.shape) != tuple(param.shape):
         raise CheckpointError(
             f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
@@ -181,7 +189,6 @@ def _copy_in(tensor: torch.Tensor, param: torch.nn.Parameter, file: Path, name: 
         )
     if not tensor.is_floating_point():
         raise CheckpointError(f"{file.name}: tensor {name!r} has non-float dtype {tensor.dtype}")
-    param.data.copy_(tensor)
 
 
 def state_dict_hf(model: DiffusionGemma) -> dict[str, torch.Tensor]:
@@ -203,6 +210,11 @@ def save_checkpoint(
 
     Files are written under temporary names and renamed into place, so a crash never leaves a
     half-written file under a real name."""
+    if model.quantization is not None:
+        raise ValueError(
+            f"this model's experts are quantized ({model.quantization}) and there is no quantized checkpoint "
+            "format: save the unquantized model (quantization happens when a checkpoint is loaded)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_hf(model)

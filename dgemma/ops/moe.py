@@ -14,6 +14,10 @@ intermediate, S pair slots (each expert's pairs padded to a multiple of BLOCK_M)
 At one 256-token canvas every expert sees ~16 tokens, so the kernels are weight-streaming: each block
 reads its expert's weight tiles once and the grid keeps an expert's blocks adjacent (they share the
 tiles in L2). Intermediate values are rounded to the weight dtype where the reference rounds them.
+
+FP8 (e4m3) weights (`dgemma.model.quant`) are read as they are stored, half the bytes, converted to
+the activations' dtype in registers (exactly: e4m3 values are bf16 values), and each projection's fp32
+accumulator is multiplied by its output channel's scale before the first rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = ("gelu_pytorch_tanh", "silu")
+FP8_DTYPES = (torch.float8_e4m3fn,)  # as dgemma.model.quant stores them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +59,12 @@ class MoeConfig:
         }
 
 
-def default_config(num_pairs: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> MoeConfig:
+def default_config(
+    num_pairs: int,
+    num_experts: int,
+    dtype: torch.dtype = torch.bfloat16,
+    weight_dtype: torch.dtype | None = None,
+) -> MoeConfig:
     """Tiles for about the tokens each expert sees, from the H100 sweep of `dgemma bench --sections
     moe` (bench/results/2026-11-22_h100_fused_commit_moe_sweep.json): 16 at one 256-token canvas
     (weight streaming); 32, 64 and 128 at 2, 4 and 8 canvases (closer to compute-bound: taller blocks,
@@ -144,7 +154,7 @@ def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECIS
     """acc += a @ b, or with SWAP_AB (acc transposed) acc += b^T @ a^T: the weight tile becomes the
     left operand, whose 64+ rows let Hopper use its warpgroup MMA when tokens are few."""
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(a.dtype)  # FP8 weights: exact in bf16 and fp32
     if SWAP_AB:
         return tl.dot(b, a, acc, input_precision=PRECISION)
     else:
@@ -153,11 +163,11 @@ def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECIS
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, pair_ptr, block_expert_ptr,
+    x_ptr, w_ptr, scale_ptr, h_ptr, pair_ptr, block_expert_ptr,
     num_pairs, top_k, D, I, num_experts,
     stride_xn, stride_we, stride_wq, stride_hs,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -195,6 +205,15 @@ def _gate_up_kernel(
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    if SCALED:  # FP8 weights: one scale per output channel, [X, 2I] (gate rows, then up rows)
+        s_g = tl.load(scale_ptr + expert * 2 * I + offs_n, mask=n_ok, other=0.0)
+        s_u = tl.load(scale_ptr + expert * 2 * I + I + offs_n, mask=n_ok, other=0.0)
+        if SWAP_AB:
+            acc_g *= s_g[:, None]
+            acc_u *= s_u[:, None]
+        else:
+            acc_g *= s_g[None, :]
+            acc_u *= s_u[None, :]
     dtype = h_ptr.dtype.element_ty
     # the reference rounds the projection, the activation and the product to the weight dtype
     gate = acc_g.to(dtype).to(tl.float32)
@@ -208,11 +227,11 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, y_ptr, pair_ptr, block_expert_ptr, route_ptr,
+    h_ptr, w_ptr, scale_ptr, y_ptr, pair_ptr, block_expert_ptr, route_ptr,
     num_pairs, D, I, num_experts,
     stride_hs, stride_we, stride_wd, stride_yp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -245,6 +264,12 @@ def _down_kernel(
             )
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SCALED:  # FP8 weights: one scale per output channel, [X, D]
+        s_d = tl.load(scale_ptr + expert * D + offs_n, mask=n_ok, other=0.0)
+        if SWAP_AB:
+            acc *= s_d[:, None]
+        else:
+            acc *= s_d[None, :]
     dtype = y_ptr.dtype.element_ty
     # routing weights are fp32 (router softmax): multiply there, then round, as the reference does
     route = tl.load(route_ptr + pair, mask=valid, other=0.0)
@@ -269,17 +294,20 @@ def moe(
     activation: str = "gelu_pytorch_tanh",
     config: MoeConfig | None = None,
     summed: bool = True,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n, k] * down_e(act(gate_e x_n) * up_e x_n) over each token's experts e = index[n, k]
     [N, D]; with summed=False the terms themselves [N, K, D] (a caller that sums them in a later
-    kernel saves a pass)."""
+    kernel saves a pass). FP8 weights come with their per-output-channel scales, gate_up_scale [X, 2I]
+    and down_scale [X, D] (`dgemma.model.quant`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"the MoE kernel supports activations {ACTIVATIONS}, not {activation!r}")
     num_tokens, top_k = index_NK.shape
-    cfg = config or default_config(num_tokens * top_k, gate_up_XQD.shape[0], x_ND.dtype)
+    cfg = config or default_config(num_tokens * top_k, gate_up_XQD.shape[0], x_ND.dtype, gate_up_XQD.dtype)
     slots = align(index_NK, gate_up_XQD.shape[0], cfg.block_m)
-    h_SI = gate_up(x_ND, gate_up_XQD, slots, top_k, activation=activation, config=cfg)
-    y_NKD = down(h_SI, down_XDI, slots, weights_NK, config=cfg).view(num_tokens, top_k, -1)
+    h_SI = gate_up(x_ND, gate_up_XQD, slots, top_k, activation=activation, config=cfg, scale=gate_up_scale)
+    y_NKD = down(h_SI, down_XDI, slots, weights_NK, config=cfg, scale=down_scale).view(num_tokens, top_k, -1)
     return y_NKD.sum(1) if summed else y_NKD
 
 
@@ -298,6 +326,21 @@ def _launch(dtype: torch.dtype, *, num_warps: int, num_stages: int, swap_ab: boo
     return {"num_warps": num_warps, "num_stages": num_stages, "SWAP_AB": swap_ab, "PRECISION": precision}
 
 
+def _scale_arg(weight: torch.Tensor, scale: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """The kernel's scale operand: FP8 weights need their [X, channels] float32 scales; others none
+    (the weight itself is passed in its place, never read)."""
+    if weight.dtype in FP8_DTYPES:
+        if scale is None or tuple(scale.shape) != (weight.shape[0], channels) or scale.dtype != torch.float32:
+            raise ValueError(
+                f"FP8 expert weights need float32 scales [{weight.shape[0]}, {channels}], got "
+                f"{None if scale is None else (list(scale.shape), scale.dtype)}"
+            )
+        return scale.contiguous()
+    if scale is not None:
+        raise ValueError(f"scales go with FP8 weights, not {weight.dtype}")
+    return weight
+
+
 def gate_up(
     x_ND: torch.Tensor,
     gate_up_XQD: torch.Tensor,
@@ -306,19 +349,23 @@ def gate_up(
     *,
     activation: str,
     config: MoeConfig,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """h [S, I] = act(x @ gate_e^T) * (x @ up_e^T) per pair slot of `align`'s (pair_of_slot, block_expert)."""
+    """h [S, I] = act(x @ gate_e^T) * (x @ up_e^T) per pair slot of `align`'s (pair_of_slot, block_expert);
+    FP8 weights with their scales [X, 2I]."""
     _check_slots(slots, config)
     pair_of_slot, block_expert = slots
     x_ND, gate_up_XQD = x_ND.contiguous(), gate_up_XQD.contiguous()
     num_experts, twice_i, hidden = gate_up_XQD.shape
     inter, cfg = twice_i // 2, config
+    scale_arg = _scale_arg(gate_up_XQD, scale, twice_i)
     h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=x_ND.dtype)
     _gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
-        x_ND, gate_up_XQD, h_SI, pair_of_slot, block_expert,
+        x_ND, gate_up_XQD, scale_arg, h_SI, pair_of_slot, block_expert,
         x_ND.shape[0] * top_k, top_k, hidden, inter, num_experts,
         x_ND.stride(0), gate_up_XQD.stride(0), gate_up_XQD.stride(1), h_SI.stride(0),
         ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SCALED=scale is not None,
         **_launch(x_ND.dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab),
     )  # fmt: skip
     return h_SI
@@ -331,21 +378,25 @@ def down(
     weights_NK: torch.Tensor,
     *,
     config: MoeConfig,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [P, D] = weight of the pair * (h @ down_e^T), one row per (token, expert) pair."""
+    """y [P, D] = weight of the pair * (h @ down_e^T), one row per (token, expert) pair; FP8 weights
+    with their scales [X, D]."""
     _check_slots(slots, config)
     pair_of_slot, block_expert = slots
     down_XDI = down_XDI.contiguous()
     num_experts, hidden, inter = down_XDI.shape
     num_pairs = weights_NK.numel()
     tiles = config.down()
+    scale_arg = _scale_arg(down_XDI, scale, hidden)
     y_PD = torch.empty(num_pairs, hidden, device=h_SI.device, dtype=h_SI.dtype)
     route_P = weights_NK.reshape(-1).float().contiguous()
     _down_kernel[(block_expert.numel(), triton.cdiv(hidden, tiles["block_n"]))](
-        h_SI, down_XDI, y_PD, pair_of_slot, block_expert, route_P,
+        h_SI, down_XDI, scale_arg, y_PD, pair_of_slot, block_expert, route_P,
         num_pairs, hidden, inter, num_experts,
         h_SI.stride(0), down_XDI.stride(0), down_XDI.stride(1), y_PD.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tiles["block_n"], BLOCK_K=config.down_block_k,
+        SCALED=scale is not None,
         **_launch(h_SI.dtype, **{k: tiles[k] for k in ("num_warps", "num_stages", "swap_ab")}),
     )  # fmt: skip
     return y_PD
