@@ -837,7 +837,8 @@ def plot(record: dict, path: Path) -> None:
     ax.set_ylabel("ms per step")
     ax.set_xscale("log", base=2)
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{record['gpu']}, {record['dtype']}, prompt {record['prompt_len']}")
+    experts = f", {record['quantization'].upper()} experts" if record.get("quantization") else ""
+    ax.set_title(f"{record['gpu']}, {record['dtype']}{experts}, prompt {record['prompt_len']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -68,10 +68,21 @@ def default_config(
     """Tiles for about the tokens each expert sees, from the H100 sweep of `dgemma bench --sections
     moe` (bench/results/2026-11-22_h100_fused_commit_moe_sweep.json): 16 at one 256-token canvas
     (weight streaming); 32, 64 and 128 at 2, 4 and 8 canvases (closer to compute-bound: taller blocks,
-    a wider down tile). float32 tiles are twice the bytes: shallower ones fit in shared memory."""
+    a wider down tile). float32 tiles are twice the bytes: shallower ones fit in shared memory. FP8
+    weights (`weight_dtype`) have tiles of their own: the widening in registers moves the optimum."""
     if dtype == torch.float32:
         return MoeConfig(block_m=16, block_n=64, block_k=64, num_stages=3)
     per_expert = num_pairs / num_experts
+    if weight_dtype in FP8_DTYPES:  # their own sweep (bench/results/2026-11-22_h100_fp8_sweep.json)
+        if per_expert <= 24:
+            return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=128)
+        if per_expert <= 48:
+            return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=64)
+        if per_expert <= 96:
+            return MoeConfig(block_m=64, block_n=64, block_k=64, down_block_n=128, down_num_warps=8)
+        return MoeConfig(
+            block_m=128, block_n=64, block_k=64, down_block_n=256, down_num_warps=8, down_num_stages=3
+        )
     if per_expert <= 24:
         return MoeConfig(block_m=16)
     if per_expert <= 48:
