@@ -1,0 +1,95 @@
+"""A wider tile sweep of the FP8 expert kernels than `dgemma bench --sections moe`, at one canvas (256
+tokens, one release-shaped layer with random weights): block_m 16 and 32, block_n 32-128, block_k
+64-256, 2 or 4 warps, 3-6 stages, both operand orders. Each kernel alone, GPU time between CUDA events.
+
+    python bench/fp8_tile_sweep.py --json OUT.json     # the fastest configs per kernel are printed
+
+Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dgemma.bench import kernel_ms
+from dgemma.model.config import ModelConfig
+from dgemma.model.layers import Experts, Router
+from dgemma.model.presets import release_config_dict
+from dgemma.ops.moe import MoeConfig, align, down, gate_up
+
+ACT = "gelu_pytorch_tanh"
+
+
+def tiles():
+    for bn, bk, warps, stages, swap in itertools.product(
+        (32, 64, 128), (64, 128, 256), (2, 4), (3, 4, 5, 6), (False, True)
+    ):
+        if bn * bk <= 128 * 256 and not (warps == 2 and bn > 64):
+            yield bn, bk, warps, stages, swap
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    config = ModelConfig.from_dict(release_config_dict())
+    d, num_experts, top_k = config.hidden_size, config.num_experts, config.top_k_experts
+    torch.manual_seed(0)
+    experts = Experts(num_experts, d, config.moe_intermediate_size, ACT).cuda().to(torch.bfloat16)
+    router = Router(d, num_experts, top_k, 1e-6).cuda().to(torch.bfloat16)
+    for w in (experts.gate_up_proj, experts.down_proj, router.proj.weight):
+        torch.nn.init.normal_(w, std=0.02)
+    experts.quantize_()
+    x = torch.randn(args.tokens, d, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    with torch.inference_mode():
+        weights, index = router(x)
+        for block_m in (16, 32):
+            slots = align(index, num_experts, block_m)
+            h = gate_up(
+                x, experts.gate_up_proj, slots, top_k, activation=ACT, config=MoeConfig(block_m=block_m),
+                scale=experts.gate_up_scale,
+            )  # fmt: skip
+            for bn, bk, warps, stages, swap in tiles():
+                runs = {}
+                if bk > 64:  # gate-up: K is the hidden size, short blocks only slow it
+                    c = MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
+                                  num_stages=stages, swap_ab=swap)  # fmt: skip
+                    runs["gate_up"] = lambda c=c, slots=slots: gate_up(
+                        x, experts.gate_up_proj, slots, top_k, activation=ACT, config=c,
+                        scale=experts.gate_up_scale,
+                    )  # fmt: skip
+                if bk <= 128:  # down: K is the expert's intermediate size (704)
+                    c = MoeConfig(block_m=block_m, down_block_n=bn, down_block_k=bk, down_num_warps=warps,
+                                  down_num_stages=stages, down_swap_ab=swap)  # fmt: skip
+                    runs["down"] = lambda c=c, slots=slots, h=h: down(
+                        h, experts.down_proj, slots, weights, config=c, scale=experts.down_scale
+                    )
+                for kernel, fn in runs.items():
+                    try:
+                        ms = kernel_ms(fn)
+                    except Exception:  # a tile config the compiler rejects (shared memory): skip it
+                        continue
+                    rows.append({"tokens": args.tokens, "kernel": kernel, "block_m": block_m, "block_n": bn,
+                                 "block_k": bk, "num_warps": warps, "num_stages": stages, "swap_ab": swap,
+                                 "ms": ms})  # fmt: skip
+    for kernel in ("gate_up", "down"):
+        print(kernel)
+        for r in sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: r["ms"])[:6]:
+            print("   ", r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=0) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
