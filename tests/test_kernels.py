@@ -413,7 +413,7 @@ def test_attention_over_the_cache_in_place_matches_sdpa(splits, monkeypatch):
     import dgemma.ops.attention as attention_ops
 
     monkeypatch.setattr(attention_ops, "BLOCK_M", 16)
-    monkeypatch.setattr(attention_ops, "tiles", lambda *_: (16, 1))  # several key blocks per split
+    monkeypatch.setattr(attention_ops, "tiles", lambda *_: (16, 1, 4))  # several key blocks per split
     monkeypatch.setattr(attention_ops, "splits_for", lambda programs: splits)
     torch.manual_seed(0)
     b, c, h, kv, e, positions = 2, 12, 4, 2, 16, 80

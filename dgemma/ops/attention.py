@@ -30,13 +30,17 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
     return head_dim & (head_dim - 1) == 0 and head_dim * torch.finfo(dtype).bits // 8 <= 1024
 
 
-def tiles(head_dim: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
-    """(keys per iteration, pipeline stages), from the H100 sweep in
-    bench/results/2026-11-22_h100_attention_tiles.json: narrow key blocks where the keys are split
-    over many programs (one canvas), wider ones where each program walks all of them (8 canvases)."""
+def tiles(head_dim: int, dtype: torch.dtype, splits: int) -> tuple[int, int, int]:
+    """(keys per iteration, pipeline stages, warps), from the H100 sweeps in
+    bench/results/2026-11-22_h100_attention_tiles.json and 2026-11-22_h100_attention_warps.json:
+    narrow key blocks; 8 warps for the 1 KB rows of the full layers and where the keys are split over
+    many programs (one canvas), 4 warps and 2 stages where each program walks all of them (8 canvases:
+    a sliding layer 0.097 instead of 0.130 ms)."""
     if head_dim * torch.finfo(dtype).bits // 8 >= 1024:
-        return 32, 2
-    return (32, 3) if splits > 1 else (64, 3)
+        return 32, 2, 8
+    if splits > 1:
+        return 32, 3, 8 if head_dim >= 256 else 4
+    return 32, 2, 4
 
 
 @triton.jit
@@ -135,10 +139,13 @@ def attend_cache(
     rows_B: torch.Tensor,
     lo_B: torch.Tensor,
     hi_B: torch.Tensor,
+    *,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T) v for each row's canvas queries q [B, C, H, E] over the keys at cache positions
     lo_B[b] <= p < hi_B[b] of cache row rows_B[b] (k_cache, v_cache [rows, K, S, E]); [B, C, H, E].
-    No host synchronisation: rows and key ranges are device tensors (CUDA-graph safe)."""
+    No host synchronisation: rows and key ranges are device tensors (CUDA-graph safe). `config`
+    (block_m, block_n, stages, warps) overrides the tiles (sweeps)."""
     b, c, h, e = q_BCHE.shape
     kv = k_cache.shape[1]
     if not supports(e, q_BCHE.dtype) or h % kv:
@@ -149,19 +156,22 @@ def attend_cache(
     q = q_BCHE.contiguous()
     out = torch.empty_like(q)
     gc = h // kv * c
-    m_blocks = triton.cdiv(gc, BLOCK_M)
+    block_m = BLOCK_M if config is None else config[0]
+    m_blocks = triton.cdiv(gc, block_m)
     splits = splits_for(m_blocks * b * kv)
     acc = ml = out  # unused with one split
     if splits > 1:
         acc = torch.empty(splits, b * kv * gc, e, device=q.device, dtype=torch.float32)
         ml = torch.empty(splits, b * kv * gc, 2, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_n, stages = tiles(e, q.dtype, splits)
+    block_n, stages, warps = tiles(e, q.dtype, splits)
+    if config is not None:
+        _, block_n, stages, warps = config
     _split_kernel[(m_blocks, b * kv, splits)](
         q, k_cache, v_cache, out, acc, ml, rows_B, lo_B, hi_B,
         c, h, h // kv, kv, gc, splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        E=e, BLOCK_M=BLOCK_M, BLOCK_N=block_n, DIRECT=splits == 1, PRECISION=precision,
-        num_warps=8 if e >= 256 else 4, num_stages=stages,
+        E=e, BLOCK_M=block_m, BLOCK_N=block_n, DIRECT=splits == 1, PRECISION=precision,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(b * kv * gc,)](acc, ml, out, c, h, h // kv, kv, gc, splits, E=e, num_warps=4)
