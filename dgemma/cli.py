@@ -463,6 +463,11 @@ def _info(args) -> int:
     memory = {
         name: counts["total"] * size for name, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))
     }
+    # --quantization fp8: the experts in one byte each plus a float32 scale per output channel
+    scales = config.num_layers * config.num_experts * (2 * config.moe_intermediate_size + config.hidden_size)
+    memory["bfloat16_fp8_experts"] = (
+        2 * (counts["total"] - counts["experts"]) + counts["experts"] + 4 * scales
+    )
     kinds = [s.layer_type for s in config.layers]
     summary = {
         "path": str(directory),
@@ -508,7 +513,8 @@ def _info(args) -> int:
     print(f"  parameters    {total:.2f}B total, {active:.2f}B active per token")
     for group in ("experts", "attention", "dense_mlp", "embedding", "router", "self_conditioning"):
         print(f"    {group:<18}{counts[group] / 1e9:8.3f}B")
-    print("  weights       " + ", ".join(f"{k} {v / gb:.1f} GB" for k, v in memory.items()))
+    sizes = (f"{k.replace('_fp8_experts', ' with FP8 experts')} {v / gb:.1f} GB" for k, v in memory.items())
+    print("  weights       " + ", ".join(sizes))
     kib = summary["kv_cache_bytes_per_token_bf16"] / 1024
     print(f"  KV cache      {kib:.0f} KiB per prefix token (bfloat16)")
     return 0

@@ -106,6 +106,9 @@ def test_info(tiny_dir, capsys, as_json):
         record = json.loads(out)
         assert record["layers"] == 4 and record["full_layers"] == 1 and record["experts"] == 4
         assert record["weights_bytes"]["float32"] == 2 * record["weights_bytes"]["bfloat16"]
+        experts = record["parameters"]["experts"]
+        fp8 = record["weights_bytes"]["bfloat16_fp8_experts"]
+        assert record["weights_bytes"]["bfloat16"] - experts < fp8 < record["weights_bytes"]["bfloat16"]
     else:
         assert "4 experts, top-2" in out and "head_dim 32, 1 KV heads, no v_proj" in out
 
