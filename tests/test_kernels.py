@@ -100,6 +100,31 @@ def test_fp8_experts_kernels_match_the_dequantized_loop(swap_ab):
 
 
 @needs_interpreter
+@pytest.mark.parametrize(("num_experts", "top_k"), [(128, 8), (6, 3)])
+def test_routing_kernel_matches_the_router(num_experts, top_k):
+    """Softmax, top-k (largest first), renormalisation and the per-expert scale in one kernel equal
+    the router's torch ops (a tie between two experts goes to the lower index, as in torch.topk)."""
+    from dgemma.ops.moe import route
+
+    torch.manual_seed(2)
+    router = Router(32, num_experts, top_k, 1e-6)
+    torch.nn.init.normal_(router.proj.weight, std=0.5)
+    router.per_expert_scale.data.uniform_(0.5, 1.5)
+    h = torch.randn(40, 32)
+    with torch.no_grad():
+        want_w, want_i = router.route(h)
+        logits = router.proj(h)
+        logits[3, :] = 0.25  # every expert tied: the lowest indices, in order
+        got_w, got_i = route(logits, router.per_expert_scale, top_k)
+    assert got_i.dtype == torch.int64 and got_w.dtype == torch.float32
+    rows = [r for r in range(40) if r != 3]
+    assert torch.equal(got_i[rows], want_i[rows])
+    torch.testing.assert_close(got_w[rows], want_w[rows], rtol=1e-6, atol=1e-7)
+    assert got_i[3].tolist() == list(range(top_k))
+    torch.testing.assert_close(got_w[3], router.per_expert_scale[:top_k] / top_k)
+
+
+@needs_interpreter
 def test_align_pads_each_expert_to_whole_blocks():
     from dgemma.ops.moe import align
 

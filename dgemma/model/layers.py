@@ -103,12 +103,17 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
         self.top_k = top_k
         self.root = hidden**-0.5
+        self.use_kernel = True  # on CUDA, inference routes in one kernel (dgemma.ops.moe.route)
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.route(self.norm(x_ND) * self.scale * self.root)
 
     def route(self, h_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, index) [N, K] from the router's input already normed and scaled."""
+        if self.use_kernel and kernels_apply(h_ND):
+            from dgemma.ops.moe import route
+
+            return route(self.proj(h_ND), self.per_expert_scale, self.top_k)
         probs_NX = F.softmax(self.proj(h_ND), dim=-1, dtype=torch.float32)
         weights_NK, index_NK = torch.topk(probs_NX, k=self.top_k, dim=-1)
         weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
