@@ -92,6 +92,19 @@ def test_no_model_means_the_embedded_default(monkeypatch, capsys):
     assert record["tokens_per_forward"] > 1
 
 
+def test_generate_with_fp8_experts(monkeypatch, capsys):
+    """--quantization fp8 loads the experts in FP8 (the CPU runs the dequantizing spec path); an
+    unknown scheme is refused by the parser, naming the choices."""
+    monkeypatch.delenv("DGEMMA_MODEL", raising=False)
+    args = ["generate", "def add(a, b):", "--max-new-tokens", "16", "--seed", "0", "--json"]
+    assert main([*args, "--quantization", "fp8"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["completion_tokens"] == 16 or record["finish_reason"] == "stop"
+    with pytest.raises(SystemExit):
+        main([*args, "--quantization", "int4"])
+    assert "fp8" in capsys.readouterr().err
+
+
 def test_dgemma_model_variable_overrides_the_default(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DGEMMA_MODEL", str(tmp_path / "nowhere"))
     assert main(["generate", "x"]) == 2
