@@ -27,6 +27,21 @@ def _default_model() -> str:
     return os.environ.get("DGEMMA_MODEL") or str(DEFAULT_MODEL_DIR)
 
 
+def _load_llm(args):
+    """The LLM of `_add_model_args`' options (--model, --device, --dtype, --quantization)."""
+    import torch
+
+    from dgemma.api import LLM
+
+    return LLM(
+        _model_or_default(args.model),
+        device=args.device,
+        dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        progress=sys.stderr.isatty(),
+        quantization=args.quantization,
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -207,24 +222,15 @@ def _model_or_default(value: str | None) -> str:
 
 
 def _serve(args) -> int:
-    import torch
     import uvicorn
 
-    from dgemma.api import LLM
     from dgemma.engine.generate import Engine
     from dgemma.serve.app import build_app
     from dgemma.serve.worker import EngineWorker
 
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ConfigError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    llm = LLM(
-        _model_or_default(args.model),
-        device=args.device,
-        dtype=dtype,
-        progress=sys.stderr.isatty(),
-        quantization=args.quantization,
-    )
+    llm = _load_llm(args)
     context = llm.model.config.max_position_embeddings
     max_context = args.max_context or context
     if not 0 < max_context <= context or args.max_running < 1 or args.max_waiting < 0:
@@ -360,9 +366,6 @@ def _finetune(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
-
-    from dgemma.api import LLM
     from dgemma.outputs import Draft, GenerationOutput, TextDelta
     from dgemma.params import SamplingParams
 
@@ -376,14 +379,7 @@ def _generate(args) -> int:
         entropy_bound=args.entropy_bound,
         confidence=args.confidence,
     )
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    llm = LLM(
-        _model_or_default(args.model),
-        device=args.device,
-        dtype=dtype,
-        progress=sys.stderr.isatty(),
-        quantization=args.quantization,
-    )
+    llm = _load_llm(args)
     prompt: object = prompt_text
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
