@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization",
         default=None,
         choices=QUANTIZATIONS,
-        help="FP8 experts: the bench also measures the quantization's effect on the logits (default: none)",
+        help="FP8 experts (with random weights the bench also measures what quantizing changes)",
     )
     bench.add_argument("--prompt-len", type=int, default=512)
     bench.add_argument("--steps", default="13,16", help="fixed denoise steps per canvas (comma list)")
