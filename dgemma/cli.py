@@ -215,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dgemma: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`dgemma generate ... | head`): stop quietly, and point stdout
+        # at /dev/null so that the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
 
 
 def _model_or_default(value: str | None) -> str:

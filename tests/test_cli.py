@@ -133,3 +133,28 @@ def test_info_parameter_count_matches_the_weights(tiny_dir):
     model = DiffusionGemma.from_pretrained(tiny_dir)
     counted = sum(p.numel() for n, p in model.named_parameters() if "layer_scalar" not in n)
     assert parameter_counts(model.config)["total"] == counted
+
+
+def test_a_closed_pipe_ends_generate_quietly(tiny_dir):
+    """`dgemma generate ... | head -c 1`: no traceback when the reader goes away early."""
+    import subprocess
+    import sys
+
+    code = "from dgemma.cli import main; raise SystemExit(main())"
+    args = [
+        sys.executable,
+        "-c",
+        code,
+        "generate",
+        "hello",
+        "--model",
+        str(tiny_dir),
+        "--max-new-tokens",
+        "64",
+    ]
+    args += ["--seed", "0", "--show-drafts"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first byte
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+    assert proc.returncode == 141
