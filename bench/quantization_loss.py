@@ -1,5 +1,6 @@
 """What FP8 experts cost the embedded default model in loss: the training objective's diffusion and
-encoder losses of the unquantized and the quantized model on the same Python text and the same noise.
+encoder losses of the unquantized and the quantized model ("fp8", "fp8-w8a8") on the same Python text
+and the same noise.
 
     python bench/quantization_loss.py [--chunks 64] [--json OUT]
 
@@ -72,6 +73,7 @@ def main() -> int:
         "torch": torch.__version__,
         "unquantized": losses(plain, examples, pad),
         "fp8": losses(plain.quantize("fp8"), examples, pad),
+        "fp8-w8a8": losses(plain.quantize("fp8-w8a8"), examples, pad),  # the same FP8 weights
     }
     print(json.dumps(record))
     if args.json:

@@ -209,5 +209,12 @@ def test_fp8_quantization_at_load_time(tiny_dir, tmp_path):
     assert not (tmp_path / "q").exists()
     with pytest.raises(RuntimeError, match="inference"):
         logits_of(loaded)  # with autograd on: training needs the unquantized weights
+    # fp8-w8a8: the same weights, and the experts' gate-up input rounded to FP8 per token as it comes
+    w8a8 = DiffusionGemma.from_pretrained(tiny_dir, device="cpu", quantization="fp8-w8a8")
+    assert w8a8.quantization == "fp8-w8a8" and all(layer.experts.fp8_activations for layer in w8a8.layers)
+    assert torch.equal(w8a8.layers[0].experts.gate_up_proj.float(), experts.gate_up_proj.float())
+    with torch.inference_mode():
+        w8a8_logits = logits_of(w8a8)
+    assert 0 < float((w8a8_logits - got).norm() / got.norm()) < 0.25
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         DiffusionGemma.from_pretrained(tiny_dir, device="cpu", quantization="int3")

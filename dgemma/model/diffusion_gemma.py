@@ -225,19 +225,24 @@ class DiffusionGemma(nn.Module):
         return model.eval()
 
     def quantize(self, quantization: str) -> DiffusionGemma:
-        """Store the experts' weights in FP8 (`quantization="fp8"`), in place, one layer at a time (peak
-        memory: the model plus one layer's experts in float32, chunked); returns the model."""
+        """Store the experts' weights in FP8, in place, one layer at a time (peak memory: the model plus
+        one layer's experts in float32, chunked); "fp8-w8a8" also quantizes the gate-up projection's
+        input per token as it comes (dgemma.model.quant). Returns the model."""
         from dgemma.model.quant import check_quantization
 
         check_quantization(quantization)
         for layer in self.layers:
             layer.experts.quantize_()
+            layer.experts.fp8_activations = quantization == "fp8-w8a8"
         return self
 
     @property
     def quantization(self) -> str | None:
-        """ "fp8" when the experts are stored in FP8, else None."""
-        return "fp8" if self.layers[0].experts.quantized else None
+        """The scheme of `quantize` ("fp8" or "fp8-w8a8") the experts are in, or None."""
+        experts = self.layers[0].experts
+        if not experts.quantized:
+            return None
+        return "fp8-w8a8" if experts.fp8_activations else "fp8"
 
     @classmethod
     def random(cls, config: ModelConfig, *, device=None, dtype=None, seed: int = 0, std: float = 0.02):

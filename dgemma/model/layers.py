@@ -133,6 +133,8 @@ class Experts(nn.Module):
         # set by quantize_ (not in the checkpoint: quantization happens at load time)
         self.register_buffer("gate_up_scale", None, persistent=False)
         self.register_buffer("down_scale", None, persistent=False)
+        # with FP8 weights: the gate-up projection's input in FP8 too, a scale per token
+        self.fp8_activations = False
         self.act = activation(act)
         self.act_name = act
         # LoRA on the experts (dgemma.train.lora) sets this: () -> (gate_up delta, down delta) or None
@@ -178,8 +180,12 @@ class Experts(nn.Module):
     def terms(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, index_NK: torch.Tensor) -> torch.Tensor:
         """The kernels' weight * expert output of each (token, expert) pair [N, K, D], before the sum
         over K (where `kernel_applies`)."""
+        from dgemma.model.quant import quantize_rows
         from dgemma.ops.moe import moe
 
+        x_scale, out_dtype = None, x_ND.dtype
+        if self.fp8_activations:
+            x_ND, x_scale = quantize_rows(x_ND)
         return moe(
             x_ND,
             self.gate_up_proj,
@@ -190,6 +196,8 @@ class Experts(nn.Module):
             summed=False,
             gate_up_scale=self.gate_up_scale,
             down_scale=self.down_scale,
+            x_scale=x_scale,
+            out_dtype=out_dtype,
         )
 
     def kernel_applies(self, x_ND: torch.Tensor) -> bool:
@@ -220,6 +228,11 @@ class Experts(nn.Module):
         if delta is not None:
             gate_up_proj = gate_up_proj + delta[0].to(gate_up_proj.dtype)
             down_proj = down_proj + delta[1].to(down_proj.dtype)
+        x_q = x_scale = None
+        if self.fp8_activations:
+            from dgemma.model.quant import quantize_rows
+
+            x_q, x_scale = quantize_rows(x_ND)
         num_tokens, top_k = index_NK.shape
         row_of_token = torch.arange(num_tokens, device=x_ND.device) // (num_tokens // num_rows)
         group = (index_NK * num_rows + row_of_token[:, None]).reshape(-1)
@@ -235,7 +248,14 @@ class Experts(nn.Module):
             sel = order[start : start + count]
             tokens = token_of[start : start + count]
             start += count
-            gate, up = self._project(x_ND[tokens], gate_up_proj, self.gate_up_scale, expert).chunk(2, dim=-1)
+            if x_q is None:
+                gate_up = self._project(x_ND[tokens], gate_up_proj, self.gate_up_scale, expert)
+            else:  # FP8 activations: float32 product of the FP8 values, times both scales, then rounded
+                gate_up = (
+                    F.linear(x_q[tokens].float(), gate_up_proj[expert].float()) * self.gate_up_scale[expert]
+                )
+                gate_up = (gate_up * x_scale[tokens, None]).to(x_ND.dtype)
+            gate, up = gate_up.chunk(2, dim=-1)
             y = self._project(self.act(gate) * up, down_proj, self.down_scale, expert)
             # weights are fp32 (router softmax); multiply there, then cast, as the reference does
             out_ND.index_add_(0, tokens, (y * flat_weights[sel, None]).to(out_ND.dtype))

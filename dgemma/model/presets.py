@@ -55,7 +55,7 @@ _RELEASE = {
 # scripts/train_default_model.py (MODEL_CARD.md beside its weights says how, on what, and how well).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 # load-time weight quantizations (dgemma.model.quant); here, without torch, for the CLI's choices
-QUANTIZATIONS = ("fp8",)
+QUANTIZATIONS = ("fp8", "fp8-w8a8")
 
 RELEASE_GENERATION_CONFIG = {
     "max_denoising_steps": 48,

@@ -1,4 +1,5 @@
-"""Weight quantization for inference: FP8 (e4m3) expert weights with one float32 scale per output channel.
+"""Quantization for inference: FP8 (e4m3) expert weights with one float32 scale per output channel
+("fp8"), and optionally the experts' gate-up input in FP8 too, with a scale per token ("fp8-w8a8").
 
 At one canvas a denoise step reads every weight once, and the experts are 90% of the bytes (45.7 of
 50.5 GB in the release model): storing them in 8 bits halves what a step streams. Only the experts are
@@ -9,6 +10,12 @@ Each output channel (a row of a [X, out, in] expert matrix) gets scale = max|w| 
 value, and stores round(w / scale) in e4m3: a relative error of at most 2^-4 per weight (3 mantissa
 bits, round to nearest), so results differ from the bf16 model's by about what rounding to 4 bits of
 mantissa does; `dgemma bench --quantization fp8` measures the effect on the logits.
+
+"fp8-w8a8" also rounds each token's input to the gate-up projection to e4m3 (scale max|x| / 448,
+computed as it comes: "dynamic"), so that projection multiplies FP8 by FP8 on the tensor cores: twice
+the multiply rate where a step is compute-bound (several canvases), for a little more error. The down
+projection keeps its input in the model's dtype (a per-token scale of it would need the whole row of
+the gate-up output, which its kernel computes in tiles).
 
 Quantization happens at load time, from a checkpoint in the model's dtype: there is no FP8 checkpoint
 format to save (a quantized model refuses to be saved), and training needs the full-precision weights.
@@ -44,6 +51,15 @@ def quantize_fp8(w_XOI: torch.Tensor, out: torch.Tensor | None = None) -> tuple[
         q[lo : lo + EXPERTS_PER_CHUNK] = (w / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         scale[lo : lo + EXPERTS_PER_CHUNK] = s
     return q, scale
+
+
+def quantize_rows(x_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows [N, K], float32 scales [N]) of activations x: a scale per row (token), max|x| / 448
+    (1 for a row of zeros), computed as they come (dynamic)."""
+    x = x_NK.float()
+    amax = x.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize(q_XOI: torch.Tensor, scale_XO: torch.Tensor) -> torch.Tensor:

@@ -64,16 +64,28 @@ def default_config(
     num_experts: int,
     dtype: torch.dtype = torch.bfloat16,
     weight_dtype: torch.dtype | None = None,
+    fp8_activations: bool = False,
 ) -> MoeConfig:
     """Tiles for about the tokens each expert sees, from the H100 sweep of `dgemma bench --sections
     moe` (bench/results/2026-11-22_h100_fused_commit_moe_sweep.json): 16 at one 256-token canvas
     (weight streaming); 32, 64 and 128 at 2, 4 and 8 canvases (closer to compute-bound: taller blocks,
     a wider down tile). float32 tiles are twice the bytes: shallower ones fit in shared memory. FP8
-    weights (`weight_dtype`) have tiles of their own: the widening in registers moves the optimum."""
+    weights (`weight_dtype`) have tiles of their own: the widening in registers moves the optimum; and
+    with FP8 activations as well (FP8 x FP8 gate-up), many tokens take other tiles again."""
     if dtype == torch.float32:
         return MoeConfig(block_m=16, block_n=64, block_k=64, num_stages=3)
     per_expert = num_pairs / num_experts
     if weight_dtype in FP8_DTYPES:  # their own sweep (bench/results/2026-11-22_h100_fp8_sweep.json)
+        if fp8_activations and per_expert > 96:  # FP8 x FP8 gate-up (2026-11-22_h100_fp8_w8a8.json)
+            return MoeConfig(
+                block_m=64,
+                block_n=64,
+                block_k=128,
+                num_stages=3,
+                down_block_n=256,
+                down_num_warps=8,
+                down_num_stages=3,
+            )
         if per_expert <= 24:
             return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=128)
         if per_expert <= 48:
@@ -93,51 +105,6 @@ def default_config(
 
 
 ALIGN_BLOCK = 128  # pairs (and blocks) an align program handles
-
-
-@triton.jit
-def _route_kernel(
-    logits_ptr, scale_ptr, weights_ptr, index_ptr, num_experts, stride_ln,
-    K: tl.constexpr, KB: tl.constexpr, XB: tl.constexpr,
-):  # fmt: skip
-    n = tl.program_id(0)  # one token
-    ex = tl.arange(0, XB)
-    real = ex < num_experts
-    logits = tl.load(logits_ptr + n.to(tl.int64) * stride_ln + ex, mask=real, other=float("-inf"))
-    logits = logits.to(tl.float32)
-    e = tl.where(real, tl.exp(logits - tl.max(logits, 0)), 0.0)
-    probs = tl.where(real, e / tl.sum(e, 0), -1.0)
-    ks = tl.arange(0, KB)
-    top = tl.zeros((KB,), dtype=tl.float32)
-    top_index = tl.zeros((KB,), dtype=tl.int32)
-    for k in tl.static_range(K):  # the K largest, largest first (as torch.topk returns them)
-        best = tl.max(probs, 0)
-        at = tl.min(tl.where(probs == best, ex, XB), 0)  # the lowest index among equals
-        top = tl.where(ks == k, best, top)
-        top_index = tl.where(ks == k, at, top_index)
-        probs = tl.where(ex == at, -1.0, probs)
-    chosen = ks < K
-    total = tl.sum(tl.where(chosen, top, 0.0), 0)
-    scale = tl.load(scale_ptr + top_index, mask=chosen, other=0.0).to(tl.float32)
-    tl.store(weights_ptr + n.to(tl.int64) * K + ks, top / total * scale, mask=chosen)
-    tl.store(index_ptr + n.to(tl.int64) * K + ks, top_index.to(tl.int64), mask=chosen)
-
-
-def route(
-    logits_NX: torch.Tensor, per_expert_scale_X: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router after its projection, in one kernel (`Router.route` is the spec): float32 softmax
-    over the experts, the top_k largest (largest first), renormalised to sum to 1, times each chosen
-    expert's scale. Returns (weights [N, K] float32, index [N, K] int64)."""
-    num_tokens, num_experts = logits_NX.shape
-    logits_NX = logits_NX.contiguous()
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits_NX.device)
-    index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits_NX.device)
-    _route_kernel[(num_tokens,)](
-        logits_NX, per_expert_scale_X, weights, index, num_experts, logits_NX.stride(0),
-        K=top_k, KB=triton.next_power_of_2(top_k), XB=triton.next_power_of_2(num_experts), num_warps=1,
-    )  # fmt: skip
-    return weights, index
 
 
 @triton.jit
@@ -219,11 +186,11 @@ def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECIS
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, scale_ptr, h_ptr, pair_ptr, block_expert_ptr,
+    x_ptr, x_scale_ptr, w_ptr, scale_ptr, h_ptr, pair_ptr, block_expert_ptr,
     num_pairs, top_k, D, I, num_experts,
     stride_xn, stride_we, stride_wq, stride_hs,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr, X_SCALED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -270,6 +237,14 @@ def _gate_up_kernel(
         else:
             acc_g *= s_g[None, :]
             acc_u *= s_u[None, :]
+    if X_SCALED:  # FP8 activations: one scale per token
+        s_x = tl.load(x_scale_ptr + token, mask=valid, other=0.0)
+        if SWAP_AB:
+            acc_g *= s_x[None, :]
+            acc_u *= s_x[None, :]
+        else:
+            acc_g *= s_x[:, None]
+            acc_u *= s_x[:, None]
     dtype = h_ptr.dtype.element_ty
     # the reference rounds the projection, the activation and the product to the weight dtype
     gate = acc_g.to(dtype).to(tl.float32)
@@ -352,17 +327,27 @@ def moe(
     summed: bool = True,
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n, k] * down_e(act(gate_e x_n) * up_e x_n) over each token's experts e = index[n, k]
     [N, D]; with summed=False the terms themselves [N, K, D] (a caller that sums them in a later
     kernel saves a pass). FP8 weights come with their per-output-channel scales, gate_up_scale [X, 2I]
-    and down_scale [X, D] (`dgemma.model.quant`)."""
+    and down_scale [X, D] (`dgemma.model.quant`). x itself may be FP8 too, with x_scale [N] (a scale
+    per token, `dgemma.model.quant.quantize_rows`): the gate-up projection then multiplies on the FP8
+    tensor cores and its output, like everything after it, is in `out_dtype`."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"the MoE kernel supports activations {ACTIVATIONS}, not {activation!r}")
     num_tokens, top_k = index_NK.shape
-    cfg = config or default_config(num_tokens * top_k, gate_up_XQD.shape[0], x_ND.dtype, gate_up_XQD.dtype)
+    cfg = config or default_config(
+        num_tokens * top_k, gate_up_XQD.shape[0], out_dtype or x_ND.dtype, gate_up_XQD.dtype,
+        fp8_activations=x_scale is not None,
+    )  # fmt: skip
     slots = align(index_NK, gate_up_XQD.shape[0], cfg.block_m)
-    h_SI = gate_up(x_ND, gate_up_XQD, slots, top_k, activation=activation, config=cfg, scale=gate_up_scale)
+    h_SI = gate_up(
+        x_ND, gate_up_XQD, slots, top_k, activation=activation, config=cfg, scale=gate_up_scale,
+        x_scale=x_scale, out_dtype=out_dtype,
+    )  # fmt: skip
     y_NKD = down(h_SI, down_XDI, slots, weights_NK, config=cfg, scale=down_scale).view(num_tokens, top_k, -1)
     return y_NKD.sum(1) if summed else y_NKD
 
@@ -406,23 +391,29 @@ def gate_up(
     activation: str,
     config: MoeConfig,
     scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """h [S, I] = act(x @ gate_e^T) * (x @ up_e^T) per pair slot of `align`'s (pair_of_slot, block_expert);
-    FP8 weights with their scales [X, 2I]."""
+    FP8 weights with their scales [X, 2I]; FP8 x with its scales [N] (then h is in `out_dtype`)."""
     _check_slots(slots, config)
     pair_of_slot, block_expert = slots
     x_ND, gate_up_XQD = x_ND.contiguous(), gate_up_XQD.contiguous()
     num_experts, twice_i, hidden = gate_up_XQD.shape
     inter, cfg = twice_i // 2, config
     scale_arg = _scale_arg(gate_up_XQD, scale, twice_i)
-    h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=x_ND.dtype)
+    out_dtype = out_dtype or x_ND.dtype
+    if (x_ND.dtype in FP8_DTYPES) != (x_scale is not None) or (x_scale is not None and scale is None):
+        raise ValueError("FP8 activations need their per-token x_scale, and go with FP8 weights")
+    h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=out_dtype)
     _gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
-        x_ND, gate_up_XQD, scale_arg, h_SI, pair_of_slot, block_expert,
+        x_ND, x_ND if x_scale is None else x_scale.contiguous(), gate_up_XQD, scale_arg, h_SI,
+        pair_of_slot, block_expert,
         x_ND.shape[0] * top_k, top_k, hidden, inter, num_experts,
         x_ND.stride(0), gate_up_XQD.stride(0), gate_up_XQD.stride(1), h_SI.stride(0),
         ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SCALED=scale is not None,
-        **_launch(x_ND.dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab),
+        SCALED=scale is not None, X_SCALED=x_scale is not None,
+        **_launch(out_dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab),
     )  # fmt: skip
     return h_SI
 
