@@ -162,15 +162,19 @@ def bench_moe(
     for n in tokens:
         x = torch.randn(n, model.config.hidden_size, device="cuda", generator=gen).to(model.dtype)
         weights, index = layer.router(x)
-        used = default_config(n * top_k, num_experts, x.dtype, experts.gate_up_proj.dtype)
+        used = default_config(
+            n * top_k, num_experts, x.dtype, experts.gate_up_proj.dtype, experts.fp8_activations
+        )
 
-        def call(x=x, weights=weights, index=index):
+        def call(x=x, weights=weights, index=index):  # as the layer calls it (fp8-w8a8: x quantized)
+            if experts.fp8_activations:
+                return experts.terms(x, weights, index).sum(1)
             return moe(x, experts.gate_up_proj, experts.down_proj, weights, index, **scales)
 
         ms = kernel_ms(call)
         gbps = round(nbytes / (ms / 1e3) / 1e9, 1)
         result["runs"].append({"tokens": n, "config": used.__dict__, "ms": ms, "weights_gbps": gbps})
-        if not sweep:
+        if not sweep or experts.fp8_activations:  # the sweep times the kernels on bf16 activations
             continue
         for block_m in BLOCK_M_FOR_TOKENS.get(n, (used.block_m,)):
             kind = "few" if block_m <= 32 else "many"
