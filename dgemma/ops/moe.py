@@ -108,6 +108,51 @@ ALIGN_BLOCK = 128  # pairs (and blocks) an align program handles
 
 
 @triton.jit
+def _route_kernel(
+    logits_ptr, scale_ptr, weights_ptr, index_ptr, num_experts, stride_ln,
+    K: tl.constexpr, KB: tl.constexpr, XB: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)  # one token
+    ex = tl.arange(0, XB)
+    real = ex < num_experts
+    logits = tl.load(logits_ptr + n.to(tl.int64) * stride_ln + ex, mask=real, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    e = tl.where(real, tl.exp(logits - tl.max(logits, 0)), 0.0)
+    probs = tl.where(real, e / tl.sum(e, 0), -1.0)
+    ks = tl.arange(0, KB)
+    top = tl.zeros((KB,), dtype=tl.float32)
+    top_index = tl.zeros((KB,), dtype=tl.int32)
+    for k in tl.static_range(K):  # the K largest, largest first (as torch.topk returns them)
+        best = tl.max(probs, 0)
+        at = tl.min(tl.where(probs == best, ex, XB), 0)  # the lowest index among equals
+        top = tl.where(ks == k, best, top)
+        top_index = tl.where(ks == k, at, top_index)
+        probs = tl.where(ex == at, -1.0, probs)
+    chosen = ks < K
+    total = tl.sum(tl.where(chosen, top, 0.0), 0)
+    scale = tl.load(scale_ptr + top_index, mask=chosen, other=0.0).to(tl.float32)
+    tl.store(weights_ptr + n.to(tl.int64) * K + ks, top / total * scale, mask=chosen)
+    tl.store(index_ptr + n.to(tl.int64) * K + ks, top_index.to(tl.int64), mask=chosen)
+
+
+def route(
+    logits_NX: torch.Tensor, per_expert_scale_X: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its projection, in one kernel (`Router.route` is the spec): float32 softmax
+    over the experts, the top_k largest (largest first), renormalised to sum to 1, times each chosen
+    expert's scale. Returns (weights [N, K] float32, index [N, K] int64)."""
+    num_tokens, num_experts = logits_NX.shape
+    logits_NX = logits_NX.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits_NX.device)
+    index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits_NX.device)
+    _route_kernel[(num_tokens,)](
+        logits_NX, per_expert_scale_X, weights, index, num_experts, logits_NX.stride(0),
+        K=top_k, KB=triton.next_power_of_2(top_k), XB=triton.next_power_of_2(num_experts), num_warps=1,
+    )  # fmt: skip
+    return weights, index
+
+
+@triton.jit
 def _count_kernel(index_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
