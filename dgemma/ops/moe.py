@@ -223,13 +223,6 @@ def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECIS
     left operand, whose 64+ rows let Hopper use its warpgroup MMA when tokens are few."""
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
     b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(a.dtype)  # FP8 weights: exact in bf16 and fp32
-    if a.dtype.is_fp8():
-        # FP8 x FP8: the tensor cores sum FP8 products with fewer than fp32's bits, so each tile's
-        # product is summed there and added to the float32 accumulator here (promotion per tile)
-        if SWAP_AB:
-            return acc + tl.dot(b, a)
-        else:
-            return acc + tl.dot(a, b)
     if SWAP_AB:
         return tl.dot(b, a, acc, input_precision=PRECISION)
     else:
