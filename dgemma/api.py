@@ -30,7 +30,8 @@ class LLM:
     >>> out = llm.generate("def fibonacci(n):", SamplingParams(max_new_tokens=128, seed=0))[0]
     >>> out.text, out.finish_reason, out.stats.tokens_per_forward
 
-    `quantization="fp8"` stores the experts' weights in FP8 as they load (dgemma.model.quant).
+    `quantization="fp8"` stores the experts' weights in FP8 as they load; "fp8-w8a8" also rounds their
+    gate-up input to FP8 per token (dgemma.model.quant).
 
     The generation engine (its KV cache and, on the GPU, its captured CUDA graphs) is kept between
     calls, so a second call starts at once; it grows to the largest batch and length asked so far

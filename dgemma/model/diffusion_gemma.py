@@ -191,9 +191,9 @@ class DiffusionGemma(nn.Module):
         """Load a Hugging Face-layout checkpoint (local directory or Hub repo id) onto `device`.
 
         Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32. Weights stream into place
-        one tensor at a time (peak memory about one copy of the weights). `quantization="fp8"` stores
-        the experts in FP8 as they load (dgemma.model.quant): peak memory is the quantized model plus
-        one tensor."""
+        one tensor at a time (peak memory about one copy of the weights). `quantization` ("fp8" or
+        "fp8-w8a8", see `quantize`) stores the experts in FP8 as they load: peak memory is the
+        quantized model plus one tensor."""
         from dgemma.model.weights import load_model, resolve_checkpoint
 
         return load_model(

@@ -3,8 +3,9 @@
 
 At one canvas a denoise step reads every weight once, and the experts are 90% of the bytes (45.7 of
 50.5 GB in the release model): storing them in 8 bits halves what a step streams. Only the experts are
-quantized (attention, the dense MLP, the router and the embedding keep the model's dtype); activations
-stay in the model's dtype (weight-only: the kernel widens each FP8 tile in registers, `dgemma.ops.moe`).
+quantized (attention, the dense MLP, the router and the embedding keep the model's dtype). With "fp8"
+the activations stay in the model's dtype (weight-only: the kernel widens each FP8 tile in registers,
+`dgemma.ops.moe`).
 
 Each output channel (a row of a [X, out, in] expert matrix) gets scale = max|w| / 448, the largest e4m3
 value, and stores round(w / scale) in e4m3: a relative error of at most 2^-4 per weight (3 mantissa
