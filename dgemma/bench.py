@@ -235,6 +235,18 @@ def _best_tiles(sweep: list[dict]) -> list[dict]:
     return best
 
 
+@contextlib.contextmanager
+def _pure_torch(model: DiffusionGemma):
+    """The model's torch ops instead of its kernels inside the block (the spec the fast path is checked
+    against); the setting it had is restored after."""
+    before = model.use_kernels
+    model.use_kernels = False
+    try:
+        yield
+    finally:
+        model.use_kernels = before
+
+
 def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
     """Logits of one denoise step after the same prompt, then of the next canvas's first step after a
     commit: fast path (kernels, CUDA graphs, static-shape attention, the commit fused with that first
@@ -252,15 +264,12 @@ def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
     fast = model.logits(runner.hidden([canvas], [None], [0], [prompt_len]))
     prompt_keys = fast_cache.keys[-1][0, :, :prompt_len].clone()
     fast_next = model.logits(runner.commit_and_hidden([commit], [following], [0]))
-    model.use_kernels = False
-    try:
+    with _pure_torch(model):
         ref_cache = model.new_cache(batch_size=1, max_length=prompt_len + c)
         model.encode(prompt, ref_cache)
         ref = model.denoise(canvas, ref_cache)
         model.encode(commit, ref_cache)
         ref_next = model.denoise(following, ref_cache)
-    finally:
-        model.use_kernels = True
     return {
         "logits_rel_err": rel_err(fast, ref),
         "argmax_agreement": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
@@ -296,11 +305,8 @@ def _vocab_fused_vs_spec(model: DiffusionGemma, prompt_len: int, canvases: int =
         )
 
     fused = run()
-    model.use_kernels = False
-    try:
+    with _pure_torch(model):
         spec = run()
-    finally:
-        model.use_kernels = True
 
     def cat(outcomes, name):
         return torch.cat([getattr(o, name).reshape(1, -1) for o in outcomes])
@@ -352,8 +358,7 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
         ),
         norm_rope(q, attn_layer.q_norm.weight, cos, sin, eps),
     ]  # fmt: skip
-    model.use_kernels = False
-    try:
+    with _pure_torch(model):
         r = x + layer.post_attention_layernorm(attn)
         mixed = layer.post_feedforward_layernorm(
             layer.post_feedforward_layernorm_1(mlp_out) + layer.post_feedforward_layernorm_2(experts_out)
@@ -366,8 +371,6 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
             (x + mixed) * layer.decoder_layer_scalar,
             apply_rope(attn_layer.q_norm(q), cos, sin),
         ]
-    finally:
-        model.use_kernels = True
     names = ["residual", "pre_ff_norm", "pre_ff_norm_2", "router_input", "ff_combine", "q_norm_rope"]
     return {
         name: {

@@ -200,11 +200,9 @@ class Engine:
         self.logit_rows = GPU_LOGIT_ROWS if model.device.type == "cuda" else slots
         self.vocab = VocabStage(model)
         # prompts admitted together are encoded in groups of up to this many tokens (see prefill_groups)
-        self.prefill_tokens = (
-            (GPU_PREFILL_TOKENS if model.device.type == "cuda" else 0)
-            if prefill_tokens is None
-            else prefill_tokens
-        )
+        if prefill_tokens is None:
+            prefill_tokens = GPU_PREFILL_TOKENS if model.device.type == "cuda" else 0
+        self.prefill_tokens = prefill_tokens
         self._no_draft = torch.full((1, model.config.canvas_length), -1, device=model.device)
         self.free: list[int] = list(range(slots))
         self.waiting: deque[_Row] = deque()

@@ -250,11 +250,10 @@ class Experts(nn.Module):
             start += count
             if x_q is None:
                 gate_up = self._project(x_ND[tokens], gate_up_proj, self.gate_up_scale, expert)
-            else:  # FP8 activations: float32 product of the FP8 values, times both scales, then rounded
-                gate_up = (
-                    F.linear(x_q[tokens].float(), gate_up_proj[expert].float()) * self.gate_up_scale[expert]
+            else:
+                gate_up = self._project(
+                    x_q[tokens], gate_up_proj, self.gate_up_scale, expert, x_scale[tokens], x_ND.dtype
                 )
-                gate_up = (gate_up * x_scale[tokens, None]).to(x_ND.dtype)
             gate, up = gate_up.chunk(2, dim=-1)
             y = self._project(self.act(gate) * up, down_proj, self.down_scale, expert)
             # weights are fp32 (router softmax); multiply there, then cast, as the reference does
@@ -262,9 +261,13 @@ class Experts(nn.Module):
         return out_ND
 
     @staticmethod
-    def _project(x: torch.Tensor, w_XOI: torch.Tensor, scale_XO: torch.Tensor | None, expert: int):
-        """x @ w[expert]^T in x's dtype; FP8 weights: in float32 times the output channels' scales,
-        then rounded once (where the kernel rounds)."""
+    def _project(x, w_XOI, scale_XO, expert: int, x_scale_N=None, dtype=None) -> torch.Tensor:
+        """x @ w[expert]^T in x's dtype (or `dtype`); FP8 weights: in float32 times the output channels'
+        scales, and FP8 x (x_scale_N) times each token's scale, then rounded once (where the kernel
+        rounds)."""
         if scale_XO is None:
             return F.linear(x, w_XOI[expert])
-        return (F.linear(x.float(), w_XOI[expert].float()) * scale_XO[expert]).to(x.dtype)
+        y = F.linear(x.float(), w_XOI[expert].float()) * scale_XO[expert]
+        if x_scale_N is not None:
+            y = y * x_scale_N[:, None]
+        return y.to(dtype or x.dtype)

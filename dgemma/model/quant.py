@@ -40,27 +40,30 @@ def check_quantization(quantization: str | None) -> str | None:
     return quantization
 
 
+def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, float32 scales) of x along its last dim: scale = max|x| / 448 per row (1 for a row
+    of zeros), values round(x / scale)."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 def quantize_fp8(w_XOI: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weights [X, O, I], float32 scales [X, O]) of expert matrices w [X, O, I], a few experts at a
     time (into `out`, FP8 storage of the same shape, when given). A row of zeros gets scale 1."""
     q = torch.empty(w_XOI.shape, dtype=FP8, device=w_XOI.device) if out is None else out
     scale = torch.empty(w_XOI.shape[:2], dtype=torch.float32, device=q.device)
     for lo in range(0, w_XOI.shape[0], EXPERTS_PER_CHUNK):
-        w = w_XOI[lo : lo + EXPERTS_PER_CHUNK].to(q.device, torch.float32)
-        amax = w.abs().amax(dim=-1)
-        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q[lo : lo + EXPERTS_PER_CHUNK] = (w / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        scale[lo : lo + EXPERTS_PER_CHUNK] = s
+        chunk = slice(lo, lo + EXPERTS_PER_CHUNK)
+        q[chunk], scale[chunk] = _to_e4m3(w_XOI[chunk].to(q.device))
     return q, scale
 
 
 def quantize_rows(x_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 rows [N, K], float32 scales [N]) of activations x: a scale per row (token), max|x| / 448
-    (1 for a row of zeros), computed as they come (dynamic)."""
-    x = x_NK.float()
-    amax = x.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """(e4m3 rows [N, K], float32 scales [N]) of activations x: a scale per row (token), computed as they
+    come (dynamic), by the weights' rule."""
+    return _to_e4m3(x_NK)
 
 
 def dequantize(q_XOI: torch.Tensor, scale_XO: torch.Tensor) -> torch.Tensor:

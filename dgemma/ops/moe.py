@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.model.quant import FP8_DTYPES
+
 ACTIVATIONS = ("gelu_pytorch_tanh", "silu")
-FP8_DTYPES = (torch.float8_e4m3fn,)  # as dgemma.model.quant stores them
 
 
 @dataclass(frozen=True, kw_only=True)
