@@ -77,6 +77,18 @@ def test_canvases_tile_the_response_and_the_last_is_padded():
     )
 
 
+def test_supervised_padding_makes_the_pads_after_the_eos_targets():
+    example = chat_example(prompt_len=5, response_len=11)
+    for seed in range(20):
+        recipe = make_batch([example], 8, PAD, torch.Generator().manual_seed(seed))
+        padded = make_batch([example], 8, PAD, torch.Generator().manual_seed(seed), supervise_padding=True)
+        assert torch.equal(recipe.canvas_BC, padded.canvas_BC)  # same draws, same canvases
+        assert padded.canvas_mask_BC.all()
+        if int(recipe.canvas_start_B[0]) == 13:  # the last canvas: its 5 pads are targets only now
+            assert recipe.canvas_mask_BC.sum() == 3
+            assert padded.canvas_BC[0].tolist()[3:] == [PAD] * 5
+
+
 def test_loss_at_t_zero_is_clean_cross_entropy(model):
     example = chat_example(prompt_len=6, response_len=14)
     batch = make_batch([example, chat_example(3, 4)], 8, PAD, torch.Generator().manual_seed(0))

@@ -107,7 +107,7 @@ def test_long_text_is_windowed(tmp_path, text_tools):
     assert examples[-1].token_ids[-1] == 1 and all(e.random_start for e in examples)
 
 
-def make_trainer(tmp_path, max_steps):
+def make_trainer(tmp_path, max_steps, **overrides):
     from fixtures import tiny_config_dict
 
     from dgemma.model.config import ModelConfig
@@ -125,7 +125,7 @@ def make_trainer(tmp_path, max_steps):
         for n in torch.randint(6, 30, (12,), generator=gen)
     ]
     cfg = TrainConfig(max_steps=max_steps, batch_size=3, lr=3e-3, warmup_steps=2, eval_every=3, save_every=3,
-                      freeze_router=False, pad_to=40)  # fmt: skip
+                      freeze_router=False, pad_to=40, **overrides)  # fmt: skip
     return Trainer(model, examples[:9], examples[9:], cfg, tmp_path, pad_id=0)
 
 
@@ -139,6 +139,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed.step == 6 and len(history) == 6
     assert full[-1]["loss"] < full[0]["loss"]
     assert "eval_diffusion" in full[2]
+
+
+def test_supervised_padding_trains_differently_and_evaluates_as_the_recipe(tmp_path):
+    from dgemma.train.objective import ObjectiveConfig
+
+    recipe = make_trainer(tmp_path / "recipe", 3)
+    padded = make_trainer(tmp_path / "padded", 3, objective=ObjectiveConfig(supervise_padding=True))
+    assert recipe.evaluate() == padded.evaluate()  # the same weights: eval keeps the recipe's mask
+    recipe_losses = [r["loss"] for r in recipe.run()]
+    padded_losses = [r["loss"] for r in padded.run()]
+    assert recipe_losses[0] != padded_losses[0]  # the pads after each EOS are targets
 
 
 def test_bad_train_config_is_refused():

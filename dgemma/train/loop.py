@@ -161,7 +161,9 @@ class Trainer:
         return self.model if self.adapters is None else self.adapters
 
     # -- the loop ----------------------------------------------------------------------------------
-    def _loss(self, examples: list[Example], generator: torch.Generator):
+    def _loss(self, examples: list[Example], generator: torch.Generator, *, evaluating: bool = False):
+        # eval losses keep the recipe's mask (the EOS, not the pads), so runs with and without
+        # supervise_padding compare
         batch = make_batch(
             examples,
             self.model.config.canvas_length,
@@ -169,6 +171,7 @@ class Trainer:
             generator,
             pad_to=self.config.pad_to,
             canvases_per_example=self.config.canvases_per_example,
+            supervise_padding=self.config.objective.supervise_padding and not evaluating,
         )
         if self.model.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -187,7 +190,7 @@ class Trainer:
         with torch.no_grad():
             for i in range(self.config.eval_batches):
                 chunk = [self.eval_examples[(i * size + j) % len(self.eval_examples)] for j in range(size)]
-                parts = self._loss(chunk, generator)
+                parts = self._loss(chunk, generator, evaluating=True)
                 totals["eval_diffusion"] += float(parts.diffusion) / self.config.eval_batches
                 totals["eval_encoder"] += float(parts.encoder) / self.config.eval_batches
         self.model.train(was_training)

@@ -15,6 +15,11 @@ Facts followed (NVIDIA NeMo AutoModel, DiffusionGemma SFT guide and `BlockDiffus
   feed the second pass (examples without it get the zero signal through the mask);
 - the last canvas is padded, EOS then pad: the EOS is supervised, the pads are not, so answers shorter
   than a canvas teach the model to stop;
+  `supervise_padding` (off by default, a departure from that recipe) also supervises the pads, as
+  LLaDA's SFT (arXiv 2502.09992, padding with supervised |EOS| tokens) and BD3-LM's block padding do:
+  at inference nothing ever fixes the positions after an EOS, so with unsupervised pads they stay
+  uniform noise to the last step, which at a low noise level the model has never seen. The committed
+  canvas holds pads there, so pad is the target;
 - prompt tokens of chat data are masked out of both losses.
 
 One backward runs through both modes: they share every weight.
@@ -49,6 +54,7 @@ class ObjectiveConfig:
     eps: float = 1e-3
     encoder_loss_weight: float = 1.0
     self_conditioning_prob: float = 0.5
+    supervise_padding: bool = False  # also the pads after the EOS of the last canvas (see above)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,13 +82,15 @@ def make_batch(
     *,
     pad_to: int | None = None,
     canvases_per_example: int = 1,
+    supervise_padding: bool = False,
 ) -> Batch:
     """Pick canvases uniformly among each example's response canvases and pad to a common length (at
     least `pad_to`: fixed shapes keep GPU kernels from re-planning every step).
 
     With `canvases_per_example` k > 1, each example's target canvas is drawn k times independently: k
     examples of the recipe that share one encoder pass (the denoiser reads the same cache row with
-    each canvas's own prefix), so the diffusion loss gets k times the signal for a fraction of the cost."""
+    each canvas's own prefix), so the diffusion loss gets k times the signal for a fraction of the cost.
+    With `supervise_padding`, the pads after the EOS are targets too (ObjectiveConfig)."""
     c = canvas_length
     starts, canvas_rows = [], []
     for b, e in enumerate(examples):
@@ -104,6 +112,8 @@ def make_batch(
     canvas = ids[rows].gather(1, index)
     lengths = torch.tensor([len(e.token_ids) for e in examples])[rows]
     canvas_mask = index < lengths[:, None]  # the EOS is the last real token; pads after it are not
+    if supervise_padding:  # every canvas starts inside its example: all of it is supervised
+        canvas_mask = torch.ones_like(canvas_mask)
     return Batch(
         ids_BT=ids,
         encoder_mask_BT=encoder_mask,
