@@ -1,7 +1,7 @@
 """Measure a code-completion checkpoint on held-out signature prompts (prompts.jsonl of build_corpus.py).
 
     python scripts/eval_default_model.py MODEL_DIR PROMPTS.jsonl [--entropy-bounds 0.5 1.0] \
-        [--max-steps 12 16] [--temperatures 0.8,0.4 0.5,0.2] [--ar]
+        [--max-steps 12 16] [--temperatures 0.8,0.4 0.5,0.2] [--confidence-thresholds 0.005 0.05] [--ar]
 
 For each prompt (a function's signature and docstring) the model completes up to 128 tokens; the
 completion is cut at the end of the function (its first top-level line) and counted as valid when it
@@ -64,6 +64,7 @@ def evaluate(
     max_steps: int | None,
     max_new_tokens: int,
     temperatures: tuple[float, float] | None = None,
+    confidence_threshold: float | None = None,
 ) -> dict:
     ok = steps = canvases = tokens = 0
     seconds = 0.0
@@ -75,6 +76,7 @@ def evaluate(
             max_denoising_steps=max_steps,
             t_max=t_max,
             t_min=t_min,
+            confidence_threshold=confidence_threshold,
             seed=i,
         )
         out = llm.generate(prompt, params)[0]
@@ -88,6 +90,7 @@ def evaluate(
         "max_denoising_steps": max_steps or llm.defaults.max_denoising_steps,
         "t_max": t_max,
         "t_min": t_min,
+        "confidence_threshold": confidence_threshold or llm.defaults.confidence_threshold,
         "parse_rate": ok / len(prompts),
         "steps_per_canvas": steps / canvases,
         "tokens_per_forward": tokens / steps,
@@ -132,6 +135,10 @@ def main() -> int:
         metavar="T_MAX,T_MIN",
         help="temperature schedules to try, e.g. 0.8,0.4 (default: the model's)",
     )
+    parser.add_argument(
+        "--confidence-thresholds", type=float, nargs="+", default=[0.0],
+        help="mean-entropy stop thresholds to try (0: the model's)",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ar", action="store_true")
@@ -150,10 +157,13 @@ def main() -> int:
     for max_steps in args.max_steps:
         for schedule in schedules:
             for bound in args.entropy_bounds:
-                result["diffusion"].append(
-                    evaluate(llm, prompts, bound, max_steps or None, args.max_new_tokens, schedule)
-                )
-                print(json.dumps(result["diffusion"][-1]), flush=True)
+                for threshold in args.confidence_thresholds:
+                    steps = max_steps or None
+                    run = evaluate(
+                        llm, prompts, bound, steps, args.max_new_tokens, schedule, threshold or None
+                    )
+                    result["diffusion"].append(run)
+                    print(json.dumps(result["diffusion"][-1]), flush=True)
     if args.ar:
         result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens)
     print(json.dumps(result))

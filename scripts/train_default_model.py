@@ -112,10 +112,14 @@ def mix(corpus: list, completions: list, share: float) -> list:
 
 
 def generation_config() -> dict:
+    """The sampler settings tuned for this model (MODEL_CARD.md, "Sampler settings"): at most 10 steps per
+    64-token canvas, entropy bound 0.5, and a canvas stops once its argmax holds and its mean entropy is
+    under 0.05."""
     config = {
         **RELEASE_GENERATION_CONFIG,
-        "max_denoising_steps": 12,
+        "max_denoising_steps": 10,
         "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
+        "confidence_threshold": 0.05,
         "eos_token_id": [EOS],
     }
     del config["max_new_tokens"]
@@ -141,6 +145,10 @@ def main() -> int:
     parser.add_argument(
         "--completion-share", type=float, default=0.5, help="share of draws from --completions"
     )
+    parser.add_argument(
+        "--supervise-padding", action="store_true",
+        help="also supervise the pads after the EOS (dgemma.train.objective.ObjectiveConfig)",
+    )  # fmt: skip
     parser.add_argument("--device", default=None)
     parser.add_argument("--profile", action="store_true", help="print the top ops of two steps first")
     args = parser.parse_args()
@@ -208,6 +216,7 @@ def main() -> int:
                 gen,
                 pad_to=pad_to,
                 canvases_per_example=args.canvases_per_example,
+                supervise_padding=args.supervise_padding,
             )
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 compute_loss(model, batch, ObjectiveConfig(), gen).total.backward()
@@ -240,6 +249,7 @@ def main() -> int:
         freeze_router=False,  # from scratch: the router must learn
         pad_to=pad_to,
         canvases_per_example=args.canvases_per_example,
+        objective=ObjectiveConfig(supervise_padding=args.supervise_padding),
     )
 
     def export() -> None:
