@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     ft.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    ft.add_argument(
+        "--supervise-padding",
+        action="store_true",
+        help="also train the pads after each answer's EOS (helps answers shorter than a canvas settle; "
+        "the published recipe leaves them out)",
+    )
     ft.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if present)")
     ft.add_argument("-v", "--verbose", action="store_true")
 
@@ -323,6 +329,7 @@ def _finetune(args) -> int:
     from dgemma.train.finetune import FinetuneOptions, finetune
     from dgemma.train.loop import TrainConfig
     from dgemma.train.lora import LoraConfig
+    from dgemma.train.objective import ObjectiveConfig
 
     lora = None
     if not args.full:
@@ -341,6 +348,7 @@ def _finetune(args) -> int:
         save_every=args.save_every,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        objective=ObjectiveConfig(supervise_padding=args.supervise_padding),
     )
     options = FinetuneOptions(
         model=_model_or_default(args.model),

@@ -111,7 +111,7 @@ def test_finetune_reduces_eval_loss_and_the_result_loads_in_dgemma_and_transform
             "--batch-size", "4", "--eval-every", "10", "--eval-split", "0.1", "--lr", "3e-3",
             "--device", "cpu"]  # fmt: skip
     if mode == "full":
-        args += ["--full", "--gradient-checkpointing"]
+        args += ["--full", "--gradient-checkpointing", "--supervise-padding"]
     summary = finetune(args, capsys)
     assert "data.jsonl:6" in caplog.text and "data.jsonl:10" in caplog.text  # named, skipped, run goes on
     assert summary["steps"] == 30 and summary["examples"]["eval"] == 4
