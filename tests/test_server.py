@@ -127,8 +127,13 @@ def cancelled(server) -> int:
     return 0
 
 
+# a request that keeps the CPU busy for seconds: no EOS, and every canvas runs all its 12 steps (the
+# model's canvases otherwise settle early, the pads after an EOS fastest)
+LONG_WORK = {"ignore_eos": True, "max_denoising_steps": 12, "confidence_threshold": 1e-9}
+
+
 def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(server):
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True}  # ~10 s of work
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, **LONG_WORK}  # ~10 s of work
     before = cancelled(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/completions", json=body, timeout=1.5)
@@ -195,7 +200,7 @@ def test_api_key_and_a_full_queue():
         assert httpx.get(url + "/v1/models").status_code == 401
         auth = {"Authorization": "Bearer sekrit"}
         assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
-        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "stream": True, **LONG_WORK}
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as first:
             lines = first.iter_lines()
             next(lines)
