@@ -174,6 +174,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, p
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["param"] == param
+    assert "max_new_tokens" not in error["message"]  # the engine's name: clients sent max_tokens
 
 
 def test_context_errors_give_the_numbers(server):

@@ -75,6 +75,12 @@ class HttpError(Exception):
         self.status, self.param, self.kind, self.headers = status, param, kind, headers
 
 
+def _client_names(message: str) -> tuple[str, bool]:
+    """An engine error as the client should read it: the engine calls the token cap max_new_tokens, the
+    client sent max_tokens. Returns (the message in the client's names, whether it is about the cap)."""
+    return message.replace("max_new_tokens", "max_tokens"), "max_new_tokens" in message
+
+
 def error_response(exc: HttpError) -> JSONResponse:
     body = {"error": {"message": str(exc), "type": exc.kind, "param": exc.param, "code": None}}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
@@ -166,9 +172,10 @@ def build_app(
             field = next(
                 (f for f in ("max_tokens", "seed", "stop", *DIFFUSION_FIELDS) if f in str(exc)), None
             )
-            if field is None and "max_new_tokens" in str(exc):
+            message, about_the_cap = _client_names(str(exc))
+            if field is None and about_the_cap:
                 field = "max_tokens"
-            raise HttpError(400, str(exc), param=field) from None
+            raise HttpError(400, message, param=field) from None
         return params, stream, drafts
 
     async def start(prompt: Any, params: SamplingParams, drafts: bool):
@@ -180,9 +187,8 @@ def build_app(
         except EngineDeadError as exc:
             raise HttpError(503, str(exc), kind="server_error") from None
         except CapacityError as exc:
-            raise HttpError(
-                400, str(exc), param="max_tokens" if "max_new_tokens" in str(exc) else "prompt"
-            ) from None
+            message, about_the_cap = _client_names(str(exc))
+            raise HttpError(400, message, param="max_tokens" if about_the_cap else "prompt") from None
         except RequestError as exc:
             raise HttpError(
                 400, str(exc), param="messages" if isinstance(prompt, list) else "prompt"
