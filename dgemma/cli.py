@@ -53,7 +53,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if present, else cpu)"
     )
     p.add_argument(
-        "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU"
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="default: bfloat16 on GPU (float32 below 1B parameters), float32 on CPU",
     )
     p.add_argument(
         "--quantization",

@@ -218,3 +218,17 @@ def test_fp8_quantization_at_load_time(tiny_dir, tmp_path):
     assert 0 < float((w8a8_logits - got).norm() / got.norm()) < 0.25
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         DiffusionGemma.from_pretrained(tiny_dir, device="cpu", quantization="int3")
+
+
+def test_default_dtype_is_bfloat16_on_a_gpu_only_for_large_models():
+    from dgemma.model.config import parameter_counts
+    from dgemma.model.presets import DEFAULT_MODEL_DIR, release_config_dict
+    from dgemma.model.weights import default_device_and_dtype
+
+    embedded = parameter_counts(ModelConfig.from_file(DEFAULT_MODEL_DIR / "config.json"))["total"]
+    release = parameter_counts(ModelConfig.from_dict(release_config_dict()))["total"]
+    assert default_device_and_dtype("cuda", None, release) == (torch.device("cuda"), torch.bfloat16)
+    assert default_device_and_dtype("cuda", None, embedded) == (torch.device("cuda"), torch.float32)
+    assert default_device_and_dtype("cuda", None) == (torch.device("cuda"), torch.bfloat16)
+    assert default_device_and_dtype("cpu", None, release)[1] == torch.float32
+    assert default_device_and_dtype("cuda", torch.float16, embedded)[1] == torch.float16  # asked for

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from dgemma.cache.kv_cache import KVCache
 from dgemma.errors import CapacityError, RequestError
 from dgemma.model.attention import Attention
-from dgemma.model.config import LayerSpec, ModelConfig
+from dgemma.model.config import LayerSpec, ModelConfig, parameter_counts
 from dgemma.model.layers import (
     Experts,
     GatedMLP,
@@ -190,10 +190,10 @@ class DiffusionGemma(nn.Module):
     ) -> DiffusionGemma:
         """Load a Hugging Face-layout checkpoint (local directory or Hub repo id) onto `device`.
 
-        Defaults: CUDA + bfloat16 when a GPU is present, else CPU + float32. Weights stream into place
-        one tensor at a time (peak memory about one copy of the weights). `quantization` ("fp8" or
-        "fp8-w8a8", see `quantize`) stores the experts in FP8 as they load: peak memory is the
-        quantized model plus one tensor."""
+        Defaults: CUDA + bfloat16 when a GPU is present (float32 below 1B parameters), else CPU +
+        float32. Weights stream into place one tensor at a time (peak memory about one copy of the
+        weights). `quantization` ("fp8" or "fp8-w8a8", see `quantize`) stores the experts in FP8 as
+        they load: peak memory is the quantized model plus one tensor."""
         from dgemma.model.weights import load_model, resolve_checkpoint
 
         return load_model(
@@ -214,7 +214,7 @@ class DiffusionGemma(nn.Module):
         from dgemma.model.weights import default_device_and_dtype
 
         check_quantization(quantization)
-        device, dtype = default_device_and_dtype(device, dtype)
+        device, dtype = default_device_and_dtype(device, dtype, parameter_counts(config)["total"])
         with torch.device("meta"):
             model = cls(config)
         model = model.to(dtype)

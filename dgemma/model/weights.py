@@ -57,13 +57,23 @@ def hf_names(name: str) -> tuple[str, ...]:
     raise AssertionError(f"no HF name for parameter {name}")
 
 
-def default_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    """CUDA + bfloat16 when a GPU is present, else CPU + float32; either may be overridden."""
+# Below this many parameters a model keeps float32 on a GPU too: its weights cost little there, and
+# bfloat16's rounding changes a small model's samples (the embedded model parses 56% of its held-out
+# prompts in float32, 46% in bfloat16).
+SMALL_MODEL_PARAMETERS = 10**9
+
+
+def default_device_and_dtype(
+    device, dtype, parameters: int | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """CUDA when a GPU is present, else CPU; bfloat16 on CUDA (float32 for a model of fewer than
+    SMALL_MODEL_PARAMETERS `parameters`), float32 on the CPU; either may be overridden."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        small = parameters is not None and parameters < SMALL_MODEL_PARAMETERS
+        dtype = torch.bfloat16 if device.type == "cuda" and not small else torch.float32
     return device, dtype
 
 
