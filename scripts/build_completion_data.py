@@ -1,13 +1,16 @@
-"""Write function-completion training data for the default model: the model's own autoregressive answers.
+"""Write function-completion training data for the default model: the model's own answers.
 
-    python scripts/build_completion_data.py MODEL_DIR CORPUS_DIR OUT.jsonl [--max-prompts N]
+    python scripts/build_completion_data.py MODEL_DIR CORPUS_DIR OUT.jsonl [--max-prompts N] \
+        [--teacher autoregressive|diffusion]
 
 Sequence-level knowledge distillation (Kim & Rush 2016, arXiv 1606.07947), the standard cure for the
 incoherent text of parallel (non-autoregressive) decoders (Gu et al. 2018, arXiv 1711.02281): a parallel
 decoder trained on real text must spread its bets over the many ways a function can be written, and
 committing many tokens at once mixes those ways; trained on one deterministic teacher's outputs it has
 one way to learn. The teacher here is the same weights decoding greedily through the encoder path (the
-encoder loss makes them an autoregressive model), so no other model is involved.
+encoder loss makes them an autoregressive model), so no other model is involved. With `--teacher
+diffusion` the teacher is instead the model's own denoiser with its generation config (seeded per
+prompt): answers the denoiser itself reaches, to sharpen it on them.
 
 Prompts are the top-level functions of the corpus's *training* files (signature and docstring, or the
 signature alone), never the held-out files the evaluation prompts come from. A teacher answer is kept
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_corpus import function_prompts
 from eval_default_model import function_end, parses
 
-from dgemma import LLM
+from dgemma import LLM, SamplingParams
 from dgemma.engine.autoregressive import generate_autoregressive_batch
 
 
@@ -74,10 +77,12 @@ def main() -> int:
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--teacher", choices=["autoregressive", "diffusion"], default="autoregressive")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    llm = LLM(args.model, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" and args.teacher == "autoregressive" else torch.float32
+    llm = LLM(args.model, device=device, dtype=dtype)
     eos = llm.defaults.eos_token_ids
     t0 = time.perf_counter()
     prompts = training_prompts(args.corpus, args.max_prompts)
@@ -87,12 +92,19 @@ def main() -> int:
     with open(args.out, "w") as out:
         for n, start in enumerate(range(0, len(order), args.batch_size)):
             chunk = order[start : start + args.batch_size]
-            answers = generate_autoregressive_batch(
-                llm.model, [ids[i] for i in chunk], max_new_tokens=args.max_new_tokens, eos_token_ids=eos
-            )
-            for i, answer in zip(chunk, answers):
+            if args.teacher == "diffusion":
+                params = [SamplingParams(max_new_tokens=args.max_new_tokens, seed=i) for i in chunk]
+                outs = llm.generate([prompts[i][0] for i in chunk], params)
+                answers = [list(o.token_ids) for o in outs]
+                ended = [o.finish_reason == "stop" for o in outs]
+            else:
+                answers = generate_autoregressive_batch(
+                    llm.model, [ids[i] for i in chunk], max_new_tokens=args.max_new_tokens, eos_token_ids=eos
+                )
+                ended = [len(a) < args.max_new_tokens for a in answers]
+            for i, answer, by_eos in zip(chunk, answers, ended):
                 prompt, source = prompts[i]
-                body = function_body(llm.tokenizer.decode(answer), len(answer) < args.max_new_tokens)
+                body = function_body(llm.tokenizer.decode(answer), by_eos)
                 if body is None:
                     unended += 1
                 elif not parses(prompt + body):
@@ -100,11 +112,12 @@ def main() -> int:
                 else:
                     kept += 1
                     out.write(json.dumps({"prompt": prompt, "completion": body, "source": source}) + "\n")
+            out.flush()  # a run stopped early keeps every batch it finished
             print(f"batch {n + 1}: {start + len(chunk)}/{len(order)} prompts, {kept} kept "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
     print(json.dumps({
         "prompts": len(prompts), "kept": kept, "unended": unended, "unparsed": unparsed,
-        "seconds": round(time.perf_counter() - t0, 1), "device": device,
+        "seconds": round(time.perf_counter() - t0, 1), "device": device, "teacher": args.teacher,
     }))  # fmt: skip
     return 0
 

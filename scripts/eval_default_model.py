@@ -6,8 +6,10 @@
 For each prompt (a function's signature and docstring) the model completes up to 128 tokens; the
 completion is cut at the end of the function (its first top-level line) and counted as valid when it
 adds at least one body line and the whole parses with `ast.parse`. Reports parse rate, mean denoise
-steps per canvas, tokens per forward and tokens per second with the default sampler at each entropy
-bound, and (`--ar`) the same weights decoding autoregressively through the encoder path. Seeds are the
+steps per canvas, tokens per forward (over the whole set, and the median of the answers' own ratios, as
+`dgemma generate --json` reports one answer), the share of answers ending with EOS and tokens per second
+with the default sampler at each entropy bound, and (`--ar`) the same weights decoding autoregressively
+through the encoder path. `--max-new-tokens 0` lifts the cap, as `dgemma generate` runs. Seeds are the
 prompt indices, so runs are reproducible. Ends with one JSON line.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,14 +63,15 @@ def parses(source: str | None) -> bool:
 def evaluate(
     llm: LLM,
     prompts: list[str],
-    bound: float,
+    bound: float | None,
     max_steps: int | None,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     temperatures: tuple[float, float] | None = None,
     confidence_threshold: float | None = None,
 ) -> dict:
-    ok = steps = canvases = tokens = 0
+    ok = steps = canvases = tokens = ended = 0
     seconds = 0.0
+    per_answer = []
     t_max, t_min = temperatures or (llm.defaults.t_max, llm.defaults.t_min)
     for i, prompt in enumerate(prompts):
         params = SamplingParams(
@@ -85,8 +89,10 @@ def evaluate(
         canvases += len(out.stats.steps_per_canvas)
         tokens += out.stats.completion_tokens
         seconds += out.stats.seconds
+        ended += out.finish_reason == "stop"
+        per_answer.append(out.stats.completion_tokens / out.stats.denoise_steps)
     return {
-        "entropy_bound": bound,
+        "entropy_bound": bound or llm.defaults.entropy_bound,
         "max_denoising_steps": max_steps or llm.defaults.max_denoising_steps,
         "t_max": t_max,
         "t_min": t_min,
@@ -94,6 +100,9 @@ def evaluate(
         "parse_rate": ok / len(prompts),
         "steps_per_canvas": steps / canvases,
         "tokens_per_forward": tokens / steps,
+        # what `dgemma generate --json` reports, one answer at a time: low for one-line answers
+        "tokens_per_forward_per_answer_median": statistics.median(per_answer),
+        "ended_with_eos": ended / len(prompts),
         "tokens_per_s": tokens / seconds,
         "seconds_per_prompt": seconds / len(prompts),
     }
@@ -124,7 +133,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("prompts", type=Path)
-    parser.add_argument("--entropy-bounds", type=float, nargs="+", default=[0.5])
+    parser.add_argument(
+        "--entropy-bounds",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="entropy bounds to try (0: the model's)",
+    )
     parser.add_argument(
         "--max-steps", type=int, nargs="+", default=[0], help="max denoise steps per canvas (0: the model's)"
     )
@@ -139,7 +154,9 @@ def main() -> int:
         "--confidence-thresholds", type=float, nargs="+", default=[0.0],
         help="mean-entropy stop thresholds to try (0: the model's)",
     )  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="cap per answer (0: none, as `dgemma generate`)"
+    )
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ar", action="store_true")
     parser.add_argument("--device", default="cpu")
@@ -153,19 +170,18 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "diffusion": [],
     }
+    cap = args.max_new_tokens or None
     schedules = [None if t is None else tuple(map(float, t.split(","))) for t in args.temperatures]
     for max_steps in args.max_steps:
         for schedule in schedules:
             for bound in args.entropy_bounds:
                 for threshold in args.confidence_thresholds:
                     steps = max_steps or None
-                    run = evaluate(
-                        llm, prompts, bound, steps, args.max_new_tokens, schedule, threshold or None
-                    )
+                    run = evaluate(llm, prompts, bound or None, steps, cap, schedule, threshold or None)
                     result["diffusion"].append(run)
                     print(json.dumps(result["diffusion"][-1]), flush=True)
     if args.ar:
-        result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens)
+        result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens or 2048)
     print(json.dumps(result))
     return 0
 

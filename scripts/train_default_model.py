@@ -112,13 +112,13 @@ def mix(corpus: list, completions: list, share: float) -> list:
 
 
 def generation_config() -> dict:
-    """The sampler settings tuned for this model (MODEL_CARD.md, "Sampler settings"): at most 10 steps per
-    64-token canvas, entropy bound 0.5, and a canvas stops once its argmax holds and its mean entropy is
+    """The sampler settings tuned for this model (MODEL_CARD.md, "Sampler settings"): at most 8 steps per
+    64-token canvas, entropy bound 1.0, and a canvas stops once its argmax holds and its mean entropy is
     under 0.05."""
     config = {
         **RELEASE_GENERATION_CONFIG,
-        "max_denoising_steps": 10,
-        "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
+        "max_denoising_steps": 8,
+        "sampler_config": {"entropy_bound": 1.0, "_cls_name": "EntropyBoundSamplerConfig"},
         "confidence_threshold": 0.05,
         "eos_token_id": [EOS],
     }
