@@ -127,17 +127,20 @@ def cancelled(server) -> int:
     return 0
 
 
-# a request that keeps the CPU busy for seconds: no EOS, and every canvas runs all its 12 steps (the
-# model's canvases otherwise settle early, the pads after an EOS fastest)
-LONG_WORK = {"ignore_eos": True, "max_denoising_steps": 12, "confidence_threshold": 1e-9}
+# a request that keeps the CPU busy for many seconds: no EOS, and every canvas runs all its 12 steps (a
+# stability test it can never pass: the model's canvases otherwise settle early, the pads fastest)
+LONG_WORK = {"ignore_eos": True, "max_denoising_steps": 12, "stability_threshold": 10**6}
 
 
 def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(server):
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, **LONG_WORK}  # ~10 s of work
+    """Its canvases commit every 4 steps (a few tenths of a second), more often than the server checks for
+    a hang-up: the check must still happen, not wait for a quiet moment that never comes."""
+    frequent = {**LONG_WORK, "max_denoising_steps": 4}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1900, **frequent}  # 120 steps: 5-10 s of work
     before = cancelled(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/completions", json=body, timeout=1.5)
-    deadline = time.time() + 3
+    deadline = time.time() + 2
     while time.time() < deadline and cancelled(server) == before:
         time.sleep(0.1)
     assert cancelled(server) == before + 1
