@@ -30,6 +30,7 @@ SPECIAL_TOKENS = [
     "<|think|>",
     "<image>",
 ]
+EOS = 1  # "<eos>"
 TURN_END = 4  # "<turn|>": ends a model turn, so it is an EOS id in generation_config.json
 IMAGE_TOKEN = 8
 
@@ -107,15 +108,35 @@ def build_tokenizer(vocab_size: int):
     )
 
 
+def random_weights(config: ModelConfig, seed: int) -> DiffusionGemma:
+    """Random weights whose seeded samples are the same on every x86 CPU, so the goldens hold anywhere.
+
+    - Uniform draws with the spread of normal(0, std): torch's CPU `normal_` gives different bits from
+      one seed under its AVX2 and AVX-512 kernels; `uniform_` does not.
+    - Layers small (std 0.05). With large ones (0.5) the random network amplified rounding tenfold a
+      forward, through the self-conditioning signal: the last-bit differences between CPUs' vector
+      kernels became different samples within four steps.
+    - The embedding large (std 1, tied to the head): the logits spread enough that the model is
+      confident about some tokens; near-uniform ones would make every entropy a near-tie.
+    - EOS's row scaled by 1.3, so that some answers end before their token cap (the goldens cover both)."""
+    model = DiffusionGemma.random(config, device="cpu", dtype=torch.float32, seed=seed)  # norms and scales
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:  # the matrices; every 1-d parameter is a norm weight or a scale
+                std = 1.0 if name == "embed_tokens.weight" else 0.05
+                param.uniform_(-std * 3**0.5, std * 3**0.5, generator=generator)
+        model.embed_tokens.weight[EOS] *= 1.3
+    return model
+
+
 def write_tiny_checkpoint(directory: Path, *, seed: int = 0, max_shard_bytes: int = 5 * 2**30) -> Path:
     """The tiny model dgemma's engine, API and CLI tests run on (random weights, real file formats)."""
     directory = Path(directory)
     tokenizer = build_tokenizer(384)
     vocab = tokenizer.get_vocab_size()
     config = ModelConfig.from_dict(tiny_config_dict(vocab_size=vocab))
-    # std 0.5: large enough that this random model is confident about some tokens, so canvases can
-    # stop early and EOS can appear (0.02 would give near-uniform logits).
-    model = DiffusionGemma.random(config, device="cpu", dtype=torch.float32, seed=seed, std=0.5)
+    model = random_weights(config, seed)
     # the release's generation config, with fewer steps and the tiny vocabulary's EOS ids
     generation_config = {**RELEASE_GENERATION_CONFIG, "max_denoising_steps": 8, "eos_token_id": [1, TURN_END]}
     tokenizer_config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}

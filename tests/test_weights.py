@@ -46,10 +46,15 @@ def test_bfloat16_load_is_close_to_float32(tiny_dir):
     full = DiffusionGemma.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32)
     half = DiffusionGemma.from_pretrained(tiny_dir, device="cpu", dtype=torch.bfloat16)
     assert half.embed_tokens.weight.dtype == torch.bfloat16
+    # every weight is the float32 one rounded to bfloat16, no more
+    halves = dict(half.named_parameters())
+    for name, param in full.named_parameters():
+        assert torch.equal(halves[name], param.to(torch.bfloat16)), name
     a, b = logits_of(full), logits_of(half)
     assert b.dtype == torch.float32
-    # random std-0.5 weights amplify rounding (a token may pick another expert): compare on average
-    assert float((a - b).abs().mean() / a.abs().mean()) < 0.05
+    # a random model's logits move a lot under bf16 rounding (the tiny one's experts amplify it), so
+    # the logits are compared by direction: ~0.95 here, where unrelated canvases give ~0.05
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.9
 
 
 def test_vision_weights_are_skipped_with_one_log_line(tmp_path, caplog):
