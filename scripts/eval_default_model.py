@@ -68,6 +68,7 @@ def evaluate(
     max_new_tokens: int | None,
     temperatures: tuple[float, float] | None = None,
     confidence_threshold: float | None = None,
+    stability_threshold: int | None = None,
 ) -> dict:
     ok = steps = canvases = tokens = ended = 0
     seconds = 0.0
@@ -81,6 +82,7 @@ def evaluate(
             t_max=t_max,
             t_min=t_min,
             confidence_threshold=confidence_threshold,
+            stability_threshold=stability_threshold,
             seed=i,
         )
         out = llm.generate(prompt, params)[0]
@@ -97,6 +99,9 @@ def evaluate(
         "t_max": t_max,
         "t_min": t_min,
         "confidence_threshold": confidence_threshold or llm.defaults.confidence_threshold,
+        "stability_threshold": (
+            llm.defaults.stability_threshold if stability_threshold is None else stability_threshold
+        ),
         "parse_rate": ok / len(prompts),
         "steps_per_canvas": steps / canvases,
         "tokens_per_forward": tokens / steps,
@@ -155,6 +160,11 @@ def main() -> int:
         help="mean-entropy stop thresholds to try (0: the model's)",
     )  # fmt: skip
     parser.add_argument(
+        "--stability-thresholds", type=int, nargs="+", default=[None],
+        help="unchanged steps the stop rule needs, to try (default: the model's; 0 lets a canvas stop "
+        "at its first step)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-new-tokens", type=int, default=128, help="cap per answer (0: none, as `dgemma generate`)"
     )
     parser.add_argument("--limit", type=int, default=None)
@@ -176,10 +186,13 @@ def main() -> int:
         for schedule in schedules:
             for bound in args.entropy_bounds:
                 for threshold in args.confidence_thresholds:
-                    steps = max_steps or None
-                    run = evaluate(llm, prompts, bound or None, steps, cap, schedule, threshold or None)
-                    result["diffusion"].append(run)
-                    print(json.dumps(result["diffusion"][-1]), flush=True)
+                    for stability in args.stability_thresholds:
+                        steps = max_steps or None
+                        run = evaluate(
+                            llm, prompts, bound or None, steps, cap, schedule, threshold or None, stability
+                        )
+                        result["diffusion"].append(run)
+                        print(json.dumps(result["diffusion"][-1]), flush=True)
     if args.ar:
         result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens or 2048)
     print(json.dumps(result))

@@ -1,7 +1,8 @@
 """Regenerate tests/golden/generate.json: seeded outputs of the tiny checkpoint (tests/fixtures.py).
 
 Run `python tests/make_golden.py` after a deliberate change of generation behaviour, and say why in the
-commit. Never edit the JSON by hand.
+commit. Never edit the JSON by hand. `--check` compares instead of writing (exit status 1 on a
+difference): the goldens must hold on any CPU, so check them on a new kind of machine with it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(write_tiny_checkpoint(Path(tmp) / "tiny"), device="cpu")
         results = generate_cases(llm)
+    if "--check" in sys.argv[1:]:
+        golden = json.loads(GOLDEN.read_text())
+        differ = [i for i, (a, b) in enumerate(zip(results, golden)) if a["expected"] != b["expected"]]
+        print(f"{len(results) - len(differ)} of {len(results)} cases equal {GOLDEN.name}; differ: {differ}")
+        return 1 if differ or len(results) != len(golden) else 0
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {len(results)} cases to {GOLDEN}")
