@@ -113,9 +113,9 @@ def random_weights(config: ModelConfig, seed: int) -> DiffusionGemma:
 
     - Uniform draws with the spread of normal(0, std): torch's CPU `normal_` gives different bits from
       one seed under its AVX2 and AVX-512 kernels; `uniform_` does not.
-    - Layers small (std 0.05). With large ones (0.5) the random network amplified rounding tenfold a
-      forward, through the self-conditioning signal: the last-bit differences between CPUs' vector
-      kernels became different samples within four steps.
+    - Layers small (std 0.05). With large ones (0.5) the random network amplified rounding some
+      twentyfold a step, through the self-conditioning signal: the last-bit differences between CPUs'
+      vector kernels became different samples within four steps.
     - The embedding large (std 1, tied to the head): the logits spread enough that the model is
       confident about some tokens; near-uniform ones would make every entropy a near-tie.
     - EOS's row scaled by 1.3, so that some answers end before their token cap (the goldens cover both)."""
