@@ -87,7 +87,7 @@ def tiny_config_dict(*, vocab_size: int = 384, canvas_length: int = 16) -> dict:
             "final_logit_softcapping": 30.0,
             "rms_norm_eps": 1e-6,
             "pad_token_id": 0,
-            "eos_token_id": 1,
+            "eos_token_id": EOS,
             "bos_token_id": 2,
             "rope_parameters": {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -138,7 +138,11 @@ def write_tiny_checkpoint(directory: Path, *, seed: int = 0, max_shard_bytes: in
     config = ModelConfig.from_dict(tiny_config_dict(vocab_size=vocab))
     model = random_weights(config, seed)
     # the release's generation config, with fewer steps and the tiny vocabulary's EOS ids
-    generation_config = {**RELEASE_GENERATION_CONFIG, "max_denoising_steps": 8, "eos_token_id": [1, TURN_END]}
+    generation_config = {
+        **RELEASE_GENERATION_CONFIG,
+        "max_denoising_steps": 8,
+        "eos_token_id": [EOS, TURN_END],
+    }
     tokenizer_config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
     save_checkpoint(
         model,

@@ -136,7 +136,7 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(server):
     """Its canvases commit every 4 steps (a few tenths of a second), more often than the server checks for
     a hang-up: the check must still happen, not wait for a quiet moment that never comes."""
     frequent = {**LONG_WORK, "max_denoising_steps": 4}
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1900, **frequent}  # 120 steps: 5-10 s of work
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1900, **frequent}  # 120 steps: ~10 s of work
     before = cancelled(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/completions", json=body, timeout=1.5)

@@ -97,13 +97,16 @@ def build_app(
     """`request_timeout`: seconds a request may run (queueing included); past it, it is cancelled."""
     created = int(time.time())
 
+    def timed_out() -> TimedOut:
+        return TimedOut(f"the request did not finish within {request_timeout or 0:g} s and was cancelled")
+
     async def next_event(events: asyncio.Queue, deadline: float | None):
         if deadline is None:
             return await events.get()
         try:
             return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            return TimedOut(f"the request did not finish within {request_timeout or 0:g} s and was cancelled")
+            return timed_out()
 
     def check_auth(request: HttpRequest) -> None:
         if api_key is None:
@@ -290,7 +293,7 @@ def build_app(
                 return event
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                return TimedOut(f"the request did not finish within {request_timeout:g} s and was cancelled")
+                return timed_out()
             if now >= check:
                 if await http.is_disconnected():
                     return None
