@@ -1,7 +1,7 @@
 """Write function-completion training data for the default model: the model's own answers.
 
     python scripts/build_completion_data.py MODEL_DIR CORPUS_DIR OUT.jsonl [--max-prompts N] \
-        [--teacher autoregressive|diffusion]
+        [--teacher autoregressive|diffusion] [--max-steps N]
 
 Sequence-level knowledge distillation (Kim & Rush 2016, arXiv 1606.07947), the standard cure for the
 incoherent text of parallel (non-autoregressive) decoders (Gu et al. 2018, arXiv 1711.02281): a parallel
@@ -10,7 +10,8 @@ committing many tokens at once mixes those ways; trained on one deterministic te
 one way to learn. The teacher here is the same weights decoding greedily through the encoder path (the
 encoder loss makes them an autoregressive model), so no other model is involved. With `--teacher
 diffusion` the teacher is instead the model's own denoiser with its generation config (seeded per
-prompt): answers the denoiser itself reaches, to sharpen it on them.
+prompt; `--max-steps` gives it more denoise steps per canvas than the config's, for better answers):
+answers the denoiser itself reaches, to sharpen it on them.
 
 Prompts are the top-level functions of the corpus's *training* files (signature and docstring, or the
 signature alone), never the held-out files the evaluation prompts come from. A teacher answer is kept
@@ -78,6 +79,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--teacher", choices=["autoregressive", "diffusion"], default="autoregressive")
+    parser.add_argument("--max-steps", type=int, default=None, help="diffusion teacher: steps per canvas")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +95,12 @@ def main() -> int:
         for n, start in enumerate(range(0, len(order), args.batch_size)):
             chunk = order[start : start + args.batch_size]
             if args.teacher == "diffusion":
-                params = [SamplingParams(max_new_tokens=args.max_new_tokens, seed=i) for i in chunk]
+                params = [
+                    SamplingParams(
+                        max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_steps, seed=i
+                    )
+                    for i in chunk
+                ]
                 outs = llm.generate([prompts[i][0] for i in chunk], params)
                 answers = [list(o.token_ids) for o in outs]
                 ended = [o.finish_reason == "stop" for o in outs]
