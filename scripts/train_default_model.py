@@ -112,16 +112,20 @@ def mix(corpus: list, completions: list, share: float) -> list:
 
 
 def generation_config() -> dict:
-    """The sampler settings tuned for this model (MODEL_CARD.md, "Sampler settings"): at most 6 steps per
-    64-token canvas, entropy bound 1.0, and a canvas stops as soon as its mean entropy is under 0.05
-    (stability threshold 0: no unchanged step needed)."""
+    """The sampler settings tuned for this model (MODEL_CARD.md, "Sampler settings"): at most 5 steps per
+    64-token canvas, temperature 0.6 falling to 0.3, entropy bound 1.0, and a canvas stops as soon as
+    its mean entropy is under 0.05 (stability threshold 0: no unchanged step needed). The pad ends an
+    answer as the EOS does: trained with supervised padding, the model writes pads after an answer's
+    end, and sometimes a pad where the EOS should be; what follows a pad is never part of the answer."""
     config = {
         **RELEASE_GENERATION_CONFIG,
-        "max_denoising_steps": 6,
+        "max_denoising_steps": 5,
         "sampler_config": {"entropy_bound": 1.0, "_cls_name": "EntropyBoundSamplerConfig"},
+        "t_max": 0.6,
+        "t_min": 0.3,
         "stability_threshold": 0,
         "confidence_threshold": 0.05,
-        "eos_token_id": [EOS],
+        "eos_token_id": [EOS, PAD],
     }
     del config["max_new_tokens"]
     return config

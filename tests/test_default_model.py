@@ -45,6 +45,19 @@ def test_it_completes_python_on_cpu():
     assert full.stats.completion_tokens == 64 and full.stats.tokens_per_forward >= 64 / budget
 
 
+def test_a_pad_ends_an_answer_as_the_eos_does():
+    """Trained with supervised padding, the model writes pads after an answer, and sometimes a pad with
+    no EOS before it (a bare signature's drifting docstring, here): its generation config lists the
+    pad among the ids that end an answer, so no pad is ever part of one, and the answer stops there
+    instead of running on to the token budget."""
+    llm = LLM(device="cpu")
+    pad = llm.model.config.pad_token_id
+    assert pad in llm.defaults.eos_token_ids
+    out = llm.generate("def fibonacci(n):", SamplingParams(seed=0))[0]
+    assert out.finish_reason == "stop" and out.stats.completion_tokens < 256
+    assert pad not in out.token_ids and llm.defaults.eos_token_ids[0] not in out.token_ids
+
+
 def test_static_forwards_and_the_fused_commit_give_the_eager_answers():
     """The GPU's forwards (static shapes, batches padded with the scratch row, each finished canvas
     encoded in the same forward as the next canvas's first step, prompts admitted together encoded in
