@@ -1,7 +1,7 @@
 """Write function-completion training data for the default model: the model's own answers.
 
     python scripts/build_completion_data.py MODEL_DIR CORPUS_DIR OUT.jsonl [--max-prompts N] \
-        [--teacher autoregressive|diffusion] [--max-steps N]
+        [--teacher autoregressive|diffusion] [--max-steps N] [--also-without-newline]
 
 Sequence-level knowledge distillation (Kim & Rush 2016, arXiv 1606.07947), the standard cure for the
 incoherent text of parallel (non-autoregressive) decoders (Gu et al. 2018, arXiv 1711.02281): a parallel
@@ -18,7 +18,10 @@ signature alone), never the held-out files the evaluation prompts come from. A t
 when the function ends within the token budget (a line back at column 0, or an EOS) and the function
 then parses with `ast.parse`; the record is `{"prompt", "completion", "source"}`, the completion being
 the function's body, which `dgemma.train.data` turns into canvases aligned to the prompt's end, with an
-EOS after the body. Ends with one JSON line of counts.
+EOS after the body. `--also-without-newline` writes each kept answer a second time with the prompt's
+final newline moved to the start of the completion: the same text and tokens (newlines are tokens of
+their own), the canvases starting one token earlier, as they do when a prompt comes without its
+trailing newline (a prompt passed as `"$(cat file.py)"` loses it). Ends with one JSON line of counts.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--teacher", choices=["autoregressive", "diffusion"], default="autoregressive")
     parser.add_argument("--max-steps", type=int, default=None, help="diffusion teacher: steps per canvas")
+    parser.add_argument(
+        "--also-without-newline", action="store_true",
+        help="also write each answer with the prompt's final newline moved into the completion",
+    )  # fmt: skip
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +126,9 @@ def main() -> int:
                 else:
                     kept += 1
                     out.write(json.dumps({"prompt": prompt, "completion": body, "source": source}) + "\n")
+                    if args.also_without_newline and prompt.endswith("\n"):
+                        record = {"prompt": prompt[:-1], "completion": "\n" + body, "source": source}
+                        out.write(json.dumps(record) + "\n")
             out.flush()  # a run stopped early keeps every batch it finished
             print(f"batch {n + 1}: {start + len(chunk)}/{len(order)} prompts, {kept} kept "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
