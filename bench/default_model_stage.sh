@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One self-distillation stage of the default model on the lent GPU (MODEL_CARD.md, stages F to H): the
+# One self-distillation stage of the default model on the lent GPU (MODEL_CARD.md, stages F to I): the
 # corpus, INIT's own diffusion answers to the training files' signatures (a time budget), then training
 # from INIT on the corpus mixed with them. Copies the new weights, generation config and logs to OUT.
 # Usage: bash bench/default_model_stage.sh WORKDIR INIT_MODEL OUT TEACHER_SECONDS TEACHER_STEPS MINUTES \
