@@ -5,11 +5,12 @@
 
 For each prompt (a function's signature and docstring) the model completes up to 128 tokens; the
 completion is cut at the end of the function (its first top-level line) and counted as valid when it
-adds at least one body line and the whole parses with `ast.parse`. Reports parse rate, mean denoise
-steps per canvas, tokens per forward (over the whole set, and the median of the answers' own ratios, as
-`dgemma generate --json` reports one answer), the share of answers ending with EOS and tokens per second
-with the default sampler at each entropy bound, and (`--ar`) the same weights decoding autoregressively
-through the encoder path. `--max-new-tokens 0` lifts the cap, as `dgemma generate` runs. Seeds are the
+adds at least one body line and the whole parses with `ast.parse` (and, stricter, when the body then
+holds a statement besides docstrings: a bare signature's answer may be a docstring alone). Reports parse
+rate, code rate, mean denoise steps per canvas, tokens per forward (over the whole set, and the median
+of the answers' own ratios, as `dgemma generate --json` reports one answer), the share of answers
+ending with EOS and tokens per second with the default sampler at each entropy bound, and (`--ar`) the
+same weights decoding autoregressively through the encoder path. `--max-new-tokens 0` lifts the cap, as `dgemma generate` runs. Seeds are the
 prompt indices (plus `--seed-offset`), so runs are reproducible. Ends with one JSON line.
 """
 
@@ -60,6 +61,18 @@ def parses(source: str | None) -> bool:
         return False
 
 
+def adds_code(source: str | None) -> bool:
+    """Whether the function parses and its body holds a statement besides string literals: the stricter
+    count, since a bare signature's answer may be a docstring alone, which parses."""
+    if not parses(source):
+        return False
+    functions = [n for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return bool(functions) and any(
+        not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str))
+        for s in functions[0].body
+    )
+
+
 def evaluate(
     llm: LLM,
     prompts: list[str],
@@ -71,7 +84,7 @@ def evaluate(
     stability_threshold: int | None = None,
     seed_offset: int = 0,
 ) -> dict:
-    ok = steps = canvases = tokens = ended = 0
+    ok = code = steps = canvases = tokens = ended = 0
     seconds = 0.0
     per_answer = []
     t_max, t_min = temperatures or (llm.defaults.t_max, llm.defaults.t_min)
@@ -87,7 +100,9 @@ def evaluate(
             seed=seed_offset + i,
         )
         out = llm.generate(prompt, params)[0]
-        ok += parses(function_source(prompt, out.text))
+        source = function_source(prompt, out.text)
+        ok += parses(source)
+        code += adds_code(source)
         steps += out.stats.denoise_steps
         canvases += len(out.stats.steps_per_canvas)
         tokens += out.stats.completion_tokens
@@ -104,6 +119,7 @@ def evaluate(
             llm.defaults.stability_threshold if stability_threshold is None else stability_threshold
         ),
         "parse_rate": ok / len(prompts),
+        "code_rate": code / len(prompts),  # parses and adds a statement besides docstrings
         "steps_per_canvas": steps / canvases,
         "tokens_per_forward": tokens / steps,
         # what `dgemma generate --json` reports, one answer at a time: low for one-line answers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import shutil
@@ -56,6 +57,22 @@ def test_a_pad_ends_an_answer_as_the_eos_does():
     out = llm.generate("def fibonacci(n):", SamplingParams(seed=0))[0]
     assert out.finish_reason == "stop" and out.stats.completion_tokens < 256
     assert pad not in out.token_ids and llm.defaults.eos_token_ids[0] not in out.token_ids
+
+
+def test_the_evaluation_cuts_at_the_function_end_and_counts_code_apart_from_docstrings():
+    """scripts/eval_default_model.py, whose parse and code rates the model card reports."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "eval_default_model.py"
+    spec = importlib.util.spec_from_file_location("eval_default_model", path)
+    evaluation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluation)
+    prompt = 'def f(x):\n    """Doc."""\n'
+    source = evaluation.function_source(prompt, "    return x + 1\nprint(f(2))\n")
+    assert source == prompt + "    return x + 1\n"  # cut where the function ends
+    assert evaluation.parses(source) and evaluation.adds_code(source)
+    assert evaluation.function_source(prompt, "\n") is None and not evaluation.parses(None)
+    assert not evaluation.parses(evaluation.function_source(prompt, "    return (x\n"))
+    docstring_only = evaluation.function_source("def g(y):\n", '    """Only a docstring."""\n')
+    assert evaluation.parses(docstring_only) and not evaluation.adds_code(docstring_only)
 
 
 def test_static_forwards_and_the_fused_commit_give_the_eager_answers():
