@@ -10,8 +10,9 @@ holds a statement besides docstrings: a bare signature's answer may be a docstri
 rate, code rate, mean denoise steps per canvas, tokens per forward (over the whole set, and the median
 of the answers' own ratios, as `dgemma generate --json` reports one answer), the share of answers
 ending with EOS and tokens per second with the default sampler at each entropy bound, and (`--ar`) the
-same weights decoding autoregressively through the encoder path. `--max-new-tokens 0` lifts the cap, as `dgemma generate` runs. Seeds are the
-prompt indices (plus `--seed-offset`), so runs are reproducible. Ends with one JSON line.
+same weights decoding autoregressively through the encoder path. `--max-new-tokens 0` lifts the cap,
+as `dgemma generate` runs. Seeds are the prompt indices (plus `--seed-offset`), so runs are
+reproducible. Ends with one JSON line.
 """
 
 from __future__ import annotations
