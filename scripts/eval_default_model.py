@@ -52,22 +52,27 @@ def function_source(prompt: str, completion: str) -> str | None:
     return prompt + body
 
 
-def parses(source: str | None) -> bool:
+def syntax_tree(source: str | None) -> ast.Module | None:
+    """The parsed source, or None if there is none or it does not parse."""
     if source is None:
-        return False
+        return None
     try:
-        ast.parse(source)
-        return True
+        return ast.parse(source)
     except (SyntaxError, ValueError, RecursionError):
-        return False
+        return None
+
+
+def parses(source: str | None) -> bool:
+    return syntax_tree(source) is not None
 
 
 def adds_code(source: str | None) -> bool:
     """Whether the function parses and its body holds a statement besides string literals: the stricter
     count, since a bare signature's answer may be a docstring alone, which parses."""
-    if not parses(source):
+    tree = syntax_tree(source)
+    if tree is None:
         return False
-    functions = [n for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     return bool(functions) and any(
         not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str))
         for s in functions[0].body
