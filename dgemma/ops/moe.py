@@ -44,19 +44,22 @@ class MoeConfig:
     num_warps: int = 4
     num_stages: int = 4
     swap_ab: bool = False  # weights as the left operand (see _tile_dot)
+    group_m: int = 0  # the order programs start in (see _tile_of); 0: a tile column of all blocks at once
     down_block_k: int = 64
     down_block_n: int | None = None
     down_num_warps: int | None = None
     down_num_stages: int | None = None
     down_swap_ab: bool | None = None
+    down_group_m: int | None = None
 
     def down(self) -> dict:
-        """The down kernel's block_n, num_warps, num_stages and swap_ab."""
+        """The down kernel's block_n, num_warps, num_stages, swap_ab and group_m."""
         return {
             "block_n": self.down_block_n or self.block_n,
             "num_warps": self.down_num_warps or self.num_warps,
             "num_stages": self.down_num_stages or self.num_stages,
             "swap_ab": self.swap_ab if self.down_swap_ab is None else self.down_swap_ab,
+            "group_m": self.group_m if self.down_group_m is None else self.down_group_m,
         }
 
 
@@ -72,7 +75,12 @@ def default_config(
     (weight streaming); 32, 64 and 128 at 2, 4 and 8 canvases (closer to compute-bound: taller blocks,
     a wider down tile). float32 tiles are twice the bytes: shallower ones fit in shared memory. FP8
     weights (`weight_dtype`) have tiles of their own: the widening in registers moves the optimum; and
-    with FP8 activations as well (FP8 x FP8 gate-up), many tokens take other tiles again."""
+    with FP8 activations as well (FP8 x FP8 gate-up), many tokens take other tiles again.
+
+    The orders (`group_m`, `down_group_m`) and the 8-canvas down tile come from
+    `bench/moe_order_sweep.py` (bench/results/2026-11-23_h100_moe_order_sweep.json): starting a few
+    blocks' tiles together reads each block's input once, which the down kernel feels most (its input
+    h is re-read per output column otherwise): one layer at 2048 tokens 0.91 -> 0.77 ms."""
     if dtype == torch.float32:
         return MoeConfig(block_m=16, block_n=64, block_k=64, num_stages=3)
     per_expert = num_pairs / num_experts
@@ -88,21 +96,24 @@ def default_config(
                 down_num_stages=3,
             )
         if per_expert <= 24:
-            return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=128)
+            return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=128, down_group_m=1)
         if per_expert <= 48:
             return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=64)
         if per_expert <= 96:
             return MoeConfig(block_m=64, block_n=64, block_k=64, down_block_n=128, down_num_warps=8)
         return MoeConfig(
-            block_m=128, block_n=64, block_k=64, down_block_n=256, down_num_warps=8, down_num_stages=3
-        )
+            block_m=128, block_n=64, block_k=64, group_m=16, down_block_n=256, down_num_warps=8,
+            down_num_stages=3, down_group_m=1,
+        )  # fmt: skip
     if per_expert <= 24:
-        return MoeConfig(block_m=16)
+        return MoeConfig(block_m=16, group_m=1, down_group_m=4)
     if per_expert <= 48:
-        return MoeConfig(block_m=32, num_stages=5, swap_ab=True, down_num_stages=4)
+        return MoeConfig(block_m=32, num_stages=5, swap_ab=True, group_m=1, down_num_stages=4, down_group_m=4)
     if per_expert <= 96:
-        return MoeConfig(block_m=64, block_k=64)
-    return MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=8, down_block_n=256, down_num_stages=3)
+        return MoeConfig(block_m=64, block_k=64, group_m=1, down_group_m=4)
+    return MoeConfig(
+        block_m=128, block_n=128, block_k=64, num_warps=8, group_m=2, down_num_stages=3, down_group_m=4
+    )
 
 
 ALIGN_BLOCK = 128  # pairs (and blocks) an align program handles
@@ -219,6 +230,21 @@ def _activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(block, output tile) of program `pid` of a 1-D grid of num_m * num_n. The GPU starts programs
+    in pid order, so this sets which tiles are in flight together. GROUP_M = 0: one tile column of
+    every block, then the next (neighbouring blocks share their expert's weight tile in L2, while
+    the blocks' inputs are read once per column); GROUP_M = g: every tile of g blocks, then the next
+    g (a block's input is read once while hot; its expert's weight tiles stream past)."""
+    if GROUP_M == 0:
+        return pid % num_m, pid // num_m
+    per_group = GROUP_M * num_n
+    first = pid // per_group * GROUP_M
+    size = tl.minimum(num_m - first, GROUP_M)
+    return first + pid % per_group % size, pid % per_group // size
+
+
+@triton.jit
 def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
     """acc += a @ b, or with SWAP_AB (acc transposed) acc += b^T @ a^T: the weight tile becomes the
     left operand, whose 64+ rows let Hopper use its warpgroup MMA when tokens are few."""
@@ -237,9 +263,10 @@ def _gate_up_kernel(
     stride_xn, stride_we, stride_wq, stride_hs,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr, X_SCALED: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = _tile_of(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert >= num_experts:
         return
@@ -308,10 +335,10 @@ def _down_kernel(
     num_pairs, D, I, num_experts,
     stride_hs, stride_we, stride_wd, stride_yp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(D, BLOCK_N)
+    pid_m, pid_n = _tile_of(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert >= num_experts:
         return
@@ -407,10 +434,13 @@ def _check_slots(slots: tuple[torch.Tensor, torch.Tensor], config: MoeConfig) ->
         )
 
 
-def _launch(dtype: torch.dtype, *, num_warps: int, num_stages: int, swap_ab: bool) -> dict:
+def _launch(dtype: torch.dtype, *, num_warps: int, num_stages: int, swap_ab: bool, group_m: int) -> dict:
     # float32 models multiply in full float32 (Triton's default for float32 is TF32)
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    return {"num_warps": num_warps, "num_stages": num_stages, "SWAP_AB": swap_ab, "PRECISION": precision}
+    return {
+        "num_warps": num_warps, "num_stages": num_stages, "SWAP_AB": swap_ab, "PRECISION": precision,
+        "GROUP_M": group_m,
+    }  # fmt: skip
 
 
 def _scale_arg(weight: torch.Tensor, scale: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -452,14 +482,17 @@ def gate_up(
     if (x_ND.dtype in FP8_DTYPES) != (x_scale is not None) or (x_scale is not None and scale is None):
         raise ValueError("FP8 activations need their per-token x_scale, and go with FP8 weights")
     h_SI = torch.empty(pair_of_slot.numel(), inter, device=x_ND.device, dtype=out_dtype)
-    _gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
+    _gate_up_kernel[(block_expert.numel() * triton.cdiv(inter, cfg.block_n),)](
         x_ND, x_ND if x_scale is None else x_scale.contiguous(), gate_up_XQD, scale_arg, h_SI,
         pair_of_slot, block_expert,
         x_ND.shape[0] * top_k, top_k, hidden, inter, num_experts,
         x_ND.stride(0), gate_up_XQD.stride(0), gate_up_XQD.stride(1), h_SI.stride(0),
         ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SCALED=scale is not None, X_SCALED=x_scale is not None,
-        **_launch(out_dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab),
+        **_launch(
+            out_dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab,
+            group_m=cfg.group_m,
+        ),
     )  # fmt: skip
     return h_SI
 
@@ -484,12 +517,12 @@ def down(
     scale_arg = _scale_arg(down_XDI, scale, hidden)
     y_PD = torch.empty(num_pairs, hidden, device=h_SI.device, dtype=h_SI.dtype)
     route_P = weights_NK.reshape(-1).float().contiguous()
-    _down_kernel[(block_expert.numel(), triton.cdiv(hidden, tiles["block_n"]))](
+    _down_kernel[(block_expert.numel() * triton.cdiv(hidden, tiles["block_n"]),)](
         h_SI, down_XDI, scale_arg, y_PD, pair_of_slot, block_expert, route_P,
         num_pairs, hidden, inter, num_experts,
         h_SI.stride(0), down_XDI.stride(0), down_XDI.stride(1), y_PD.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tiles["block_n"], BLOCK_K=config.down_block_k,
         SCALED=scale is not None,
-        **_launch(h_SI.dtype, **{k: tiles[k] for k in ("num_warps", "num_stages", "swap_ab")}),
+        **_launch(h_SI.dtype, **{k: tiles[k] for k in ("num_warps", "num_stages", "swap_ab", "group_m")}),
     )  # fmt: skip
     return y_PD
