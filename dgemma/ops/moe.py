@@ -77,10 +77,12 @@ def default_config(
     weights (`weight_dtype`) have tiles of their own: the widening in registers moves the optimum; and
     with FP8 activations as well (FP8 x FP8 gate-up), many tokens take other tiles again.
 
-    The orders (`group_m`, `down_group_m`) and the 8-canvas down tile come from
-    `bench/moe_order_sweep.py` (bench/results/2026-11-23_h100_moe_order_sweep.json): starting a few
-    blocks' tiles together reads each block's input once, which the down kernel feels most (its input
-    h is re-read per output column otherwise): one layer at 2048 tokens 0.91 -> 0.77 ms."""
+    The orders (`group_m`, `down_group_m`) come from `bench/moe_order_sweep.py`
+    (bench/results/2026-11-23_h100_moe_order_sweep.json, and ..._fp8.json for FP8 at 8 canvases):
+    starting every tile of a few blocks together reads each block's input once, which the down kernel
+    feels most (its input h is otherwise read again for each output column): one bf16 layer at 2048
+    tokens 0.91 -> 0.77 ms. At one canvas the FP8 kernels keep the old order: the sweep's faster down
+    order did not show in the engine's step."""
     if dtype == torch.float32:
         return MoeConfig(block_m=16, block_n=64, block_k=64, num_stages=3)
     per_expert = num_pairs / num_experts
@@ -96,7 +98,7 @@ def default_config(
                 down_num_stages=3,
             )
         if per_expert <= 24:
-            return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=128, down_group_m=1)
+            return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=128)
         if per_expert <= 48:
             return MoeConfig(block_m=32, block_n=64, block_k=128, down_block_k=64)
         if per_expert <= 96:
@@ -112,8 +114,9 @@ def default_config(
     if per_expert <= 96:
         return MoeConfig(block_m=64, block_k=64, group_m=1, down_group_m=4)
     return MoeConfig(
-        block_m=128, block_n=128, block_k=64, num_warps=8, group_m=2, down_num_stages=3, down_group_m=4
-    )
+        block_m=128, block_n=128, block_k=64, num_warps=8, group_m=2, down_block_n=256, down_num_stages=3,
+        down_group_m=1,
+    )  # fmt: skip
 
 
 ALIGN_BLOCK = 128  # pairs (and blocks) an align program handles
