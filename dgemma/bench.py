@@ -149,7 +149,8 @@ def bench_moe(
 ) -> dict:
     """One layer's experts per token count (1, 2, 4, 8 canvases): the whole call with the default tiles
     (time, and the rate at which it streams the expert weights), and with `sweep` each kernel alone per
-    tile config, so the defaults can be chosen per token count (`dgemma.ops.moe.default_config`)."""
+    tile config in the default config's program order (`bench/moe_order_sweep.py` sweeps the orders),
+    so the defaults can be chosen per token count (`dgemma.ops.moe.default_config`)."""
     from dgemma.ops.moe import MoeConfig, align, default_config, down, gate_up, moe
 
     layer = model.layers[0]
@@ -188,7 +189,7 @@ def bench_moe(
                 for bn, bk, warps, stages, swap in tiles:
                     if kernel == "gate_up":
                         cfg = MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
-                                        num_stages=stages, swap_ab=swap)  # fmt: skip
+                                        num_stages=stages, swap_ab=swap, group_m=used.group_m)  # fmt: skip
 
                         def run(cfg=cfg, x=x, slots=slots):
                             return gate_up(x, experts.gate_up_proj, slots, top_k,
@@ -196,8 +197,8 @@ def bench_moe(
                                            scale=experts.gate_up_scale)  # fmt: skip
                     else:
                         cfg = MoeConfig(block_m=block_m, down_block_n=bn, down_block_k=bk,
-                                        down_num_warps=warps, down_num_stages=stages,
-                                        down_swap_ab=swap)  # fmt: skip
+                                        down_num_warps=warps, down_num_stages=stages, down_swap_ab=swap,
+                                        down_group_m=used.down()["group_m"])  # fmt: skip
 
                         def run(cfg=cfg, h=h, slots=slots, weights=weights):
                             return down(h, experts.down_proj, slots, weights, config=cfg,
