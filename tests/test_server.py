@@ -89,6 +89,21 @@ def test_plain_and_streamed_answers_agree(client):
     assert text == chat.choices[0].message.content
 
 
+def test_openai_defaults_sent_explicitly_change_nothing(client, server):
+    """Clients often send OpenAI's defaults (temperature 1, top_p 1, n 1, chat logprobs false): accepted
+    as asking for nothing; another temperature is refused with what to send instead."""
+    messages = [{"role": "user", "content": "write add"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, seed=2)
+    spelled = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, seed=2, temperature=1.0, top_p=1, n=1,
+        logprobs=False, presence_penalty=0.0, frequency_penalty=0,
+    )  # fmt: skip
+    assert spelled.choices[0].message.content == plain.choices[0].message.content
+    body = {"model": MODEL, "messages": messages, "temperature": 0}
+    error = httpx.post(server + "/v1/chat/completions", json=body, timeout=30).json()["error"]
+    assert error["param"] == "temperature" and "t_max" in error["message"] and "t_min" in error["message"]
+
+
 def test_max_tokens_holds_exactly(client):
     out = complete(client, seed=3, max_tokens=100, prompt="import os\n")
     assert out.usage.completion_tokens == 100 or out.choices[0].finish_reason == "stop"
@@ -165,6 +180,9 @@ def test_drafts_are_an_opt_in_extension(server):
         ({"model": MODEL, "prompt": PROMPT, "entropy_bound": -1}, 400, "entropy_bound"),
         ({"model": MODEL, "prompt": PROMPT, "stream": "yes"}, 400, "stream"),
         ({"model": MODEL, "prompt": PROMPT, "n": 2}, 400, "n"),
+        ({"model": MODEL, "prompt": PROMPT, "temperature": 0.2}, 400, "temperature"),
+        ({"model": MODEL, "prompt": PROMPT, "top_p": True}, 400, "top_p"),
+        ({"model": MODEL, "prompt": PROMPT, "logprobs": 0}, 400, "logprobs"),
         ({"model": MODEL, "prompt": ""}, 400, "prompt"),
         ({"model": "gpt-4", "prompt": PROMPT}, 404, "model"),
         ({"model": MODEL, "prompt": "x " * 3000}, 400, "prompt"),

@@ -42,19 +42,37 @@ DIFFUSION_FIELDS = {
     "sampler": str,
     "ignore_eos": bool,  # keep going past EOS to max_tokens (benchmarks, load tests)
 }
-# OpenAI fields accepted and ignored when they hold their neutral value
+# OpenAI fields accepted and ignored when they are null or hold their neutral value (OpenAI's default:
+# clients often send it explicitly); Ellipsis: any value
 NEUTRAL = {
     "n": 1,
-    "temperature": None,
-    "top_p": None,
+    "temperature": 1,
+    "top_p": 1,
     "frequency_penalty": 0,
     "presence_penalty": 0,
-    "logprobs": None,
+    "logprobs": False,
     "echo": False,
     "best_of": 1,
     "user": Ellipsis,
     "stream_options": Ellipsis,
 }
+WHY_NOT = {
+    "temperature": "the diffusion sampler anneals its temperature over each canvas's steps: send t_max and "
+    "t_min (extra body fields) instead",
+}
+
+
+def is_neutral(key: str, value) -> bool:
+    """Whether an OpenAI field's value asks for nothing: null, or its neutral value (1 and 1.0 alike,
+    but a boolean never stands for a number nor a number for a boolean)."""
+    want = NEUTRAL[key]
+    if want is Ellipsis or value is None:
+        return True
+    return (
+        isinstance(value, bool) == isinstance(want, bool)
+        and isinstance(value, (int, float))
+        and value == want
+    )
 
 
 class TimedOut(Exception):
@@ -140,13 +158,11 @@ def build_app(
         for key, value in body.items():
             if key in allowed or key in DIFFUSION_FIELDS:
                 continue
-            if key in NEUTRAL and (NEUTRAL[key] is Ellipsis or value is None or value == NEUTRAL[key]):
+            if key in NEUTRAL and is_neutral(key, value):
                 continue
-            raise HttpError(
-                400,
-                f"'{key}' is not supported" + (f" (only {NEUTRAL[key]!r})" if key in NEUTRAL else ""),
-                param=key,
-            )
+            only = f" (only {json.dumps(NEUTRAL[key])} or null)" if key in NEUTRAL else ""
+            why = f": {WHY_NOT[key]}" if key in WHY_NOT else ""
+            raise HttpError(400, f"'{key}' is not supported{only}{why}", param=key)
         stream, drafts = body.get("stream", False), body.get("drafts", False)
         for name, value in (("stream", stream), ("drafts", drafts)):
             if not isinstance(value, bool):
