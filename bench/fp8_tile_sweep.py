@@ -19,13 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma.bench import kernel_ms
-from dgemma.model.config import ModelConfig
-from dgemma.model.layers import Experts, Router
-from dgemma.model.presets import release_config_dict
+from dgemma.bench import kernel_ms, release_expert_layer
 from dgemma.ops.moe import MoeConfig, align, down, gate_up
-
-ACT = "gelu_pytorch_tanh"
 
 
 def tiles():
@@ -41,14 +36,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    config = ModelConfig.from_dict(release_config_dict())
-    d, num_experts, top_k = config.hidden_size, config.num_experts, config.top_k_experts
-    torch.manual_seed(0)
-    experts = Experts(num_experts, d, config.moe_intermediate_size, ACT).cuda().to(torch.bfloat16)
-    router = Router(d, num_experts, top_k, 1e-6).cuda().to(torch.bfloat16)
-    for w in (experts.gate_up_proj, experts.down_proj, router.proj.weight):
-        torch.nn.init.normal_(w, std=0.02)
-    experts.quantize_()
+    experts, router = release_expert_layer(fp8=True)
+    d, num_experts, top_k = experts.down_proj.shape[1], experts.gate_up_proj.shape[0], router.top_k
     x = torch.randn(args.tokens, d, device="cuda", dtype=torch.bfloat16)
     rows = []
     with torch.inference_mode():
@@ -56,8 +45,8 @@ def main() -> int:
         for block_m in (16, 32):
             slots = align(index, num_experts, block_m)
             h = gate_up(
-                x, experts.gate_up_proj, slots, top_k, activation=ACT, config=MoeConfig(block_m=block_m),
-                scale=experts.gate_up_scale,
+                x, experts.gate_up_proj, slots, top_k, activation=experts.act_name,
+                config=MoeConfig(block_m=block_m), scale=experts.gate_up_scale,
             )  # fmt: skip
             for bn, bk, warps, stages, swap in tiles():
                 runs = {}
@@ -65,7 +54,7 @@ def main() -> int:
                     c = MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
                                   num_stages=stages, swap_ab=swap)  # fmt: skip
                     runs["gate_up"] = lambda c=c, slots=slots: gate_up(
-                        x, experts.gate_up_proj, slots, top_k, activation=ACT, config=c,
+                        x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=c,
                         scale=experts.gate_up_scale,
                     )  # fmt: skip
                 if bk <= 128:  # down: K is the expert's intermediate size (704)

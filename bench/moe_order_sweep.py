@@ -32,13 +32,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dgemma.ops.moe
-from dgemma.bench import bench_canvases, bench_profile, build_model, copy_bandwidth_gbps, kernel_ms, versions
+from dgemma.bench import (
+    bench_canvases,
+    bench_profile,
+    build_model,
+    copy_bandwidth_gbps,
+    kernel_ms,
+    release_expert_layer,
+    versions,
+)
 from dgemma.model.config import ModelConfig
 from dgemma.model.layers import Experts, Router
 from dgemma.model.presets import release_config_dict
 from dgemma.ops.moe import MoeConfig, align, default_config, down, gate_up, moe
 
-ACT = "gelu_pytorch_tanh"
 GROUPS = (0, 1, 2, 4, 16)
 # tile configs tried besides each token count's default (block_m, block_n, block_k, warps, stages, swap_ab),
 # the runners-up of bench/results/2026-11-22_h100_fused_commit_moe_sweep.json and a few wider ones
@@ -89,7 +96,9 @@ def sweep_tokens(experts: Experts, router: Router, n: int, quantization: str, re
         candidates = {k: v[:1] for k, v in candidates.items()}
 
     def run_gate_up(cfg, slots, h):
-        return gate_up(x, experts.gate_up_proj, slots, top_k, activation=ACT, config=cfg, **scales[0])
+        return gate_up(
+            x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=cfg, **scales[0]
+        )
 
     def run_down(cfg, slots, h):
         return down(h, experts.down_proj, slots, weights, config=cfg, **scales[1])
@@ -135,15 +144,7 @@ def main() -> int:
         "--step", action="store_true", help="then time the release model's step with the choices"
     )
     args = parser.parse_args()
-    config = ModelConfig.from_dict(release_config_dict())
-    d, num_experts, top_k = config.hidden_size, config.num_experts, config.top_k_experts
-    torch.manual_seed(0)
-    experts = Experts(num_experts, d, config.moe_intermediate_size, ACT).cuda().to(torch.bfloat16)
-    router = Router(d, num_experts, top_k, 1e-6).cuda().to(torch.bfloat16)
-    for w in (experts.gate_up_proj, experts.down_proj, router.proj.weight):
-        torch.nn.init.normal_(w, std=0.02)
-    if args.quantization == "fp8":
-        experts.quantize_()
+    experts, router = release_expert_layer(fp8=args.quantization == "fp8")
     nbytes = sum(w.numel() * w.element_size() for w in (experts.gate_up_proj, experts.down_proj))
     record = {
         "benchmark": "moe_order_sweep", "date": datetime.date.today().isoformat(),

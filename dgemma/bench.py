@@ -34,6 +34,7 @@ from dgemma.engine.generate import GPU_LOGIT_ROWS, Engine, Request
 from dgemma.engine.vocab import VocabStage
 from dgemma.model.config import ModelConfig, parameter_counts
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.layers import Experts, Router
 from dgemma.model.presets import release_config_dict
 from dgemma.outputs import TextDelta
 from dgemma.params import DiffusionDefaults, SamplingParams
@@ -103,6 +104,22 @@ def weight_bytes(model: DiffusionGemma) -> int:
 
 
 # -- sections --------------------------------------------------------------------------------------
+
+
+def release_expert_layer(*, fp8: bool = False) -> tuple[Experts, Router]:
+    """One expert layer of the release's shapes and its router, random bf16 weights on the GPU (the
+    experts in FP8 with `fp8`): the tile sweeps' subject (bench/*_sweep.py)."""
+    config = ModelConfig.from_dict(release_config_dict())
+    d, num_experts, top_k = config.hidden_size, config.num_experts, config.top_k_experts
+    torch.manual_seed(0)
+    experts = Experts(num_experts, d, config.moe_intermediate_size, config.hidden_activation)
+    experts = experts.cuda().to(torch.bfloat16)
+    router = Router(d, num_experts, top_k, config.rms_norm_eps).cuda().to(torch.bfloat16)
+    for w in (experts.gate_up_proj, experts.down_proj, router.proj.weight):
+        torch.nn.init.normal_(w, std=0.02)
+    if fp8:
+        experts.quantize_()
+    return experts, router
 
 
 def copy_bandwidth_gbps(nbytes: int = 2 * 10**9) -> float:
