@@ -32,6 +32,7 @@ from dgemma.bench_transformers import bench_transformers, ratios
 from dgemma.denoise.sampler import EntropyBoundSampler, temperature
 from dgemma.engine.generate import GPU_LOGIT_ROWS, Engine, Request
 from dgemma.engine.vocab import VocabStage
+from dgemma.errors import ConfigError
 from dgemma.model.config import ModelConfig, parameter_counts
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.layers import Experts, Router
@@ -725,12 +726,12 @@ def run_bench(
     on_section: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the sections in order; `record` is filled as they finish (on_section sees it each time)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("dgemma bench measures the GPU path and needs a CUDA device")
     if quantization is not None and "transformers" in sections:
-        raise ValueError(
+        raise ConfigError(
             "--compare-transformers runs the reference on the same weights: not with --quantization"
         )
+    if not torch.cuda.is_available():
+        raise ConfigError("dgemma bench measures the GPU path and needs a CUDA device; none is visible")
     record = record if record is not None else {}
     dtype = torch.bfloat16
     record.update(

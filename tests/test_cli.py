@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dgemma.cli import main
 
@@ -76,7 +77,10 @@ def test_errors_are_one_line_without_traceback(tiny_dir, tmp_path):
         ["generate", "x", "--model", str(tmp_path / "missing")],
         ["generate", "x", "--model", str(tiny_dir), "--max-new-tokens", "0"],
         ["generate", "x", "--model", str(tiny_dir), "--entropy-bound", "-1"],
+        ["bench", "--quantization", "fp8", "--compare-transformers"],
     ]
+    if not torch.cuda.is_available():  # the bench's one line where it cannot measure
+        cases.append(["bench", "--sections", "single"])
     for args in cases:
         proc = subprocess.run([sys.executable, "-m", "dgemma.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
