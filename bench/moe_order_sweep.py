@@ -1,19 +1,19 @@
 """The order the expert kernels start their programs in (`MoeConfig.group_m`, `dgemma.ops.moe._tile_of`),
 swept with a few tile configs per token count, on one release-shaped expert layer with random weights.
 
-group_m 0 (the order until now) starts one output tile column of every block at a time: the blocks of
-an expert share its weight tile in L2, but each block's input (x for the gate-up kernel, h for the
-down kernel) is read again for every column, and at many tokens those inputs outgrow what L2 keeps
-beside the streaming weights. group_m g starts every tile of g blocks, then the next g.
+group_m 0 (the only order before 2026-11-23) starts one output tile column of every block at a time:
+the blocks of an expert share its weight tile in L2, but each block's input (x for the gate-up kernel,
+h for the down kernel) is read again for every column, and at many tokens those inputs outgrow what L2
+keeps beside the streaming weights. group_m g starts every tile of g blocks, then the next g.
 
     python bench/moe_order_sweep.py --json OUT.json [--quantization fp8] [--step]
 
 Each kernel alone, GPU time between CUDA events (`dgemma.bench.kernel_ms`), then the whole layer
-(align, both kernels, the sum of each token's terms) with the default config and with the fastest
-order found for each kernel. With --step, the release model with random weights is then built and the
-engine's step timed at 1, 2, 4 and 8 canvases (`dgemma bench`'s canvases section) with the default
-configs and with the default tiles in the orders the sweep found fastest (patched into
-`default_config`), alternated twice. Needs a CUDA device.
+(align, both kernels, the sum of each token's terms) with the default config and with its tiles in the
+fastest orders found. With --step, the release model with random weights is then built and the
+engine's step timed at 1, 2, 4 and 8 canvases (`dgemma bench`'s canvases section) with the shipped
+configs in the old order, as shipped, and as the sweep found fastest (patched into `default_config`;
+see `time_steps`), alternated twice. Needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -162,7 +161,7 @@ def main() -> int:
             rows = [r for r in record["sweep"] if (r["tokens"], r["kernel"]) == (n, kernel)]
             best = min(rows, key=lambda r: r["ms"])
             now = next(r["ms"] for r in rows if r["default_tiles"] and r["group_m"] == 0)
-            print(f"  {n:5d} {kernel:8s} now {now:.4f} ms, best {best['ms']:.4f} ms: "
+            print(f"  {n:5d} {kernel:8s} default tiles, order 0: {now:.4f} ms; best {best['ms']:.4f} ms: "
                   f"{best['tiles']} group {best['group_m']}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
@@ -193,19 +192,21 @@ def choice(sweep: list[dict], tokens: int, num_experts: int, top_k: int, dtype, 
     )  # fmt: skip
 
 
-def pick(original, orders: dict, top_k: int, num_pairs, num_experts, dtype=torch.bfloat16, weight_dtype=None,
+def pick(original, override, top_k: int, num_pairs, num_experts, dtype=torch.bfloat16, weight_dtype=None,
          fp8_activations=False) -> MoeConfig:  # fmt: skip
-    """`default_config` in the orders the sweep chose for the nearest token count swept (by ratio)."""
+    """`default_config`, changed by `override(config, tokens)` (bf16 and FP8 weights alike; not float32
+    or FP8 activations, which the sweep does not cover)."""
     cfg = original(num_pairs, num_experts, dtype, weight_dtype, fp8_activations)
-    if not orders or dtype == torch.float32 or fp8_activations:
+    if dtype == torch.float32 or fp8_activations:
         return cfg
-    nearest = min(orders, key=lambda n: abs(math.log(n * top_k / num_pairs)))
-    return dataclasses.replace(cfg, **orders[nearest])
+    return override(cfg, num_pairs // top_k)
 
 
 def time_steps(sweep: list[dict], quantization: str, rounds: int = 2) -> dict:
-    """The engine's step at 1, 2, 4 and 8 canvases, the default orders against the sweep's, alternated
-    `rounds` times (the spread between rounds is the noise)."""
+    """The engine's step at 1, 2, 4 and 8 canvases three ways, alternated `rounds` times (the spread
+    between rounds is the noise): `column_order`, the shipped tiles in the order used before
+    2026-11-23 (group 0); `default`, the shipped configs; `swept`, the sweep's fastest tiles and orders
+    at the token counts it swept (the shipped configs elsewhere)."""
     config = ModelConfig.from_dict(release_config_dict())
     model = build_model(config, None, torch.bfloat16)
     if quantization == "fp8":
@@ -213,17 +214,20 @@ def time_steps(sweep: list[dict], quantization: str, rounds: int = 2) -> dict:
     torch.cuda.empty_cache()
     num_experts, top_k = config.num_experts, config.top_k_experts
     weight_dtype = model.layers[0].experts.gate_up_proj.dtype
-    orders = {}
-    for n in sorted({r["tokens"] for r in sweep}):
-        cfg = choice(sweep, n, num_experts, top_k, weight_dtype, tiles=False)
-        orders[n] = {"group_m": cfg.group_m, "down_group_m": cfg.down()["group_m"]}
+    swept = {
+        n: choice(sweep, n, num_experts, top_k, weight_dtype, tiles=quantization == "none")
+        for n in sorted({r["tokens"] for r in sweep})
+    }
+    overrides = {
+        "column_order": lambda cfg, n: dataclasses.replace(cfg, group_m=0, down_group_m=0),
+        "default": lambda cfg, n: cfg,
+        "swept": lambda cfg, n: swept.get(n, cfg),
+    }
     original = dgemma.ops.moe.default_config
-    out = {"orders": orders}
+    out = {"swept": {n: dataclasses.asdict(c) for n, c in swept.items()}}
     for round_ in range(rounds):
-        for label in ("default", "ordered"):
-            dgemma.ops.moe.default_config = functools.partial(
-                pick, original, orders if label == "ordered" else {}, top_k
-            )
+        for label, override in overrides.items():
+            dgemma.ops.moe.default_config = functools.partial(pick, original, override, top_k)
             try:
                 with torch.inference_mode():
                     run = bench_canvases(model, 512, (1, 2, 4, 8), 16)
