@@ -94,7 +94,7 @@ def sweep_tokens(experts: Experts, router: Router, n: int, quantization: str, re
     if quantization == "fp8":  # the FP8 tiles have their own sweep: order only
         candidates = {k: v[:1] for k, v in candidates.items()}
 
-    def run_gate_up(cfg, slots, h):
+    def run_gate_up(cfg, slots):
         return gate_up(
             x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=cfg, **scales[0]
         )
@@ -102,16 +102,17 @@ def sweep_tokens(experts: Experts, router: Router, n: int, quantization: str, re
     def run_down(cfg, slots, h):
         return down(h, experts.down_proj, slots, weights, config=cfg, **scales[1])
 
-    for kernel, run in (("gate_up", run_gate_up), ("down", run_down)):
+    for kernel in ("gate_up", "down"):
         for tiles in candidates[kernel]:
             slots = align(index, num_experts, tiles[0])
-            h = run_gate_up(
-                MoeConfig(block_m=tiles[0], block_k=64, num_stages=2), slots, None
-            )  # fits any block_m
+            run = functools.partial(run_gate_up, slots=slots)
+            if kernel == "down":  # its input, from gate-up tiles that fit any block_m
+                h = run_gate_up(MoeConfig(block_m=tiles[0], block_k=64, num_stages=2), slots)
+                run = functools.partial(run_down, slots=slots, h=h)
             for group in GROUPS:
                 cfg = kernel_config(kernel, tiles, group)
                 try:
-                    ms = kernel_ms(functools.partial(run, cfg, slots, h))
+                    ms = kernel_ms(functools.partial(run, cfg))
                 except Exception as exc:  # a tile config the compiler rejects (shared memory)
                     print(f"skip {kernel} {tiles} {group}: {str(exc)[:120]}", flush=True)
                     continue
