@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import statistics
 import sys
@@ -213,25 +214,16 @@ def main() -> int:
     }
     cap = args.max_new_tokens or None
     schedules = [None if t is None else tuple(map(float, t.split(","))) for t in args.temperatures]
-    for max_steps in args.max_steps:
-        for schedule in schedules:
-            for bound in args.entropy_bounds:
-                for threshold in args.confidence_thresholds:
-                    for stability in args.stability_thresholds:
-                        steps = max_steps or None
-                        run = evaluate(
-                            llm,
-                            prompts,
-                            bound or None,
-                            steps,
-                            cap,
-                            schedule,
-                            threshold or None,
-                            stability,
-                            args.seed_offset,
-                        )
-                        result["diffusion"].append(run)
-                        print(json.dumps(result["diffusion"][-1]), flush=True)
+    grid = itertools.product(
+        args.max_steps, schedules, args.entropy_bounds, args.confidence_thresholds, args.stability_thresholds
+    )  # in this order, the last varying fastest
+    for max_steps, schedule, bound, threshold, stability in grid:
+        run = evaluate(
+            llm, prompts, bound or None, max_steps or None, cap, schedule, threshold or None, stability,
+            args.seed_offset,
+        )  # fmt: skip
+        result["diffusion"].append(run)
+        print(json.dumps(run), flush=True)
     if args.ar:
         result["autoregressive"] = evaluate_ar(llm, prompts, args.max_new_tokens or 2048)
     print(json.dumps(result))
