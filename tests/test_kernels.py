@@ -435,6 +435,45 @@ def test_fused_layer_glue_kernels_match_the_torch_ops():
 
 
 @needs_interpreter
+@pytest.mark.parametrize("own_values", [True, False])  # a sliding layer's v_proj; a full layer's V = raw K
+def test_keys_and_values_are_normed_straight_into_the_cache(own_values):
+    """kv_into_cache equals the norms, the rotation and the cache write it replaces, at each row's own
+    positions (rows out of order), and touches nothing else in the cache."""
+    from dgemma.model.layers import RMSNorm, apply_rope
+    from dgemma.ops.norm import kv_into_cache
+
+    torch.manual_seed(0)
+    b, t, kv, e, eps = 2, 5, 3, 16, 1e-6
+    k_raw = torch.randn(b, t, kv, e)
+    v_raw = torch.randn(b, t, kv, e) if own_values else k_raw
+    k_norm, v_norm = RMSNorm(e, eps), RMSNorm(e, eps, with_scale=False)
+    k_norm.weight.data.uniform_(0.5, 1.5)
+    angles = torch.rand(b, t, e // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    spec = ModelConfig.from_dict(tiny_config_dict()).layers[0]
+    layers = [dataclasses.replace(spec, num_kv_heads=kv, head_dim=e)]
+    cache, want = (
+        KVCache(layers, batch_size=3, max_length=20, device="cpu", dtype=torch.float32) for _ in range(2)
+    )
+    for store in cache.keys + cache.values:
+        store.normal_()
+    for store, again in zip(cache.keys + cache.values, want.keys + want.values):
+        again.copy_(store)
+    rows, starts = torch.tensor([2, 0]), torch.tensor([7, 0])
+    with torch.no_grad():
+        k, v = apply_rope(k_norm(k_raw), cos, sin), v_norm(v_raw)
+        want.write(0, (rows[:, None], starts[:, None] + torch.arange(t)), k, v)
+        kv_into_cache(
+            k_raw, v_raw, k_norm.weight, cos, sin, eps, eps, cache.keys[0], cache.values[0], rows, starts
+        )
+    torch.testing.assert_close(cache.keys[0], want.keys[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache.values[0], want.values[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="K/V storage"):
+        kv_into_cache(k_raw, v_raw, k_norm.weight, cos, sin, eps, eps, cache.keys[0][:, :2], cache.values[0],
+                      rows, starts)  # fmt: skip
+
+
+@needs_interpreter
 def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
     """The wiring: Layer and Attention through the fused kernels (forced on, on the CPU: norms, experts
     summed in ff_combine) vs the plain modules, in both modes and mixed (the fused commit's split)."""

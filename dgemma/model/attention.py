@@ -64,8 +64,8 @@ class Attention(nn.Module):
             return module(x) if bias is None else module(x) + bias
         return F.linear(x, module.weight, bias)
 
-    def project(self, x_BTD: torch.Tensor, cos, sin, *, denoise: bool, split: int | None = None):
-        """q [B, T, H, E], k and v [B, T, K, E], normed; q and k rotated (V never is); `split` as in
+    def project_raw(self, x_BTD: torch.Tensor, *, denoise: bool, split: int | None = None):
+        """The projections before their norms: q [B, T, H, E], k and v [B, T, K, E]; `split` as in
         `linear`."""
         b, t, _ = x_BTD.shape
         e, kv = self.spec.head_dim, self.spec.num_kv_heads
@@ -74,6 +74,12 @@ class Attention(nn.Module):
         k_raw = self.linear("k_proj", x_BTD, **mode).view(b, t, kv, e)
         # full layers have no v_proj: V is the raw k_proj output (before k_norm and RoPE)
         v_raw = self.linear("v_proj", x_BTD, **mode).view(b, t, kv, e) if self.v_proj is not None else k_raw
+        return q_raw, k_raw, v_raw
+
+    def project(self, x_BTD: torch.Tensor, cos, sin, *, denoise: bool, split: int | None = None):
+        """q [B, T, H, E], k and v [B, T, K, E], normed; q and k rotated (V never is); `split` as in
+        `linear`."""
+        q_raw, k_raw, v_raw = self.project_raw(x_BTD, denoise=denoise, split=split)
         if self.q_norm.use_kernel and kernels_apply(q_raw):  # each norm and its rotation in one kernel
             from dgemma.ops.norm import norm_rope
 
@@ -177,7 +183,7 @@ class Attention(nn.Module):
         return starts_B[:, None] - span + torch.arange(span + num_new, device=device)
 
     def denoise_static(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,
-                       starts_B: torch.Tensor):  # fmt: skip
+                       starts_B: torch.Tensor, spans: dict | None = None):  # fmt: skip
         """`denoise` with rows and prefix lengths as device tensors and shapes fixed by the cache alone,
         so it can be captured in a CUDA graph: one masked attention call over every row.
 
@@ -185,20 +191,31 @@ class Attention(nn.Module):
         them), so prefix and canvas are one run of cache positions: a sliding layer gathers the last
         `window - 1` prefix positions and the canvas (positions before 0 are masked); a full layer reads
         the row's whole storage, masked past the canvas. With the kernels (CUDA), the run is read in
-        place instead (`dgemma.ops.attention.attend_cache`): no gather, no mask."""
-        q, k, v = self.project(x_BCD, cos, sin, denoise=True)
+        place instead (`dgemma.ops.attention.attend_cache`): no gather, no mask; the new K/V are normed
+        straight into the cache (`dgemma.ops.norm.kv_into_cache`), and each row's run of keys is
+        computed once per forward for the layers of one window and kept in `spans` (a dict the caller
+        gives every layer of the forward)."""
         b, c, _ = x_BCD.shape
-        cache.write(layer, (rows_B[:, None], starts_B[:, None] + torch.arange(c, device=x_BCD.device)), k, v)
-        if self.q_norm.use_kernel and kernels_apply(q) and _in_place(self.spec.head_dim, q.dtype):
-            # the keys are one run of the row's positions: read in place (dgemma.ops.attention)
+        if self.q_norm.use_kernel and kernels_apply(x_BCD) and _in_place(self.spec.head_dim, x_BCD.dtype):
             from dgemma.ops.attention import attend_cache
+            from dgemma.ops.norm import kv_into_cache, norm_rope
 
-            if self.spec.window is None:
-                lo_B = torch.zeros_like(starts_B)
-            else:
-                lo_B = (starts_B - (self.spec.window - 1)).clamp(min=0)
-            out = attend_cache(q, cache.keys[layer], cache.values[layer], rows_B, lo_B, starts_B + c)
+            q_raw, k_raw, v_raw = self.project_raw(x_BCD, denoise=True)
+            q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.q_norm.eps)
+            keys, values = cache.keys[layer], cache.values[layer]
+            kv_into_cache(k_raw, v_raw, self.k_norm.weight, cos, sin, self.k_norm.eps, self.v_norm.eps,
+                          keys, values, rows_B, starts_B)  # fmt: skip
+            spans = {} if spans is None else spans
+            if self.spec.window not in spans:  # each row's run of keys: its prefix in the window, the canvas
+                if self.spec.window is None:
+                    lo_B = torch.zeros_like(starts_B)
+                else:
+                    lo_B = (starts_B - (self.spec.window - 1)).clamp(min=0)
+                spans[self.spec.window] = (lo_B, starts_B + c)
+            out = attend_cache(q, keys, values, rows_B, *spans[self.spec.window])
             return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)
+        q, k, v = self.project(x_BCD, cos, sin, denoise=True)
+        cache.write(layer, (rows_B[:, None], starts_B[:, None] + torch.arange(c, device=x_BCD.device)), k, v)
         pos_BS = self.prefix_positions(starts_B, c, cache.capacity)
         visible_BS = (pos_BS >= 0) & (pos_BS < starts_B[:, None] + c)
         k_all, v_all = cache.gather(layer, rows_B, pos_BS.clamp(min=0))

@@ -445,9 +445,10 @@ class DiffusionGemma(nn.Module):
             )
         x = self.self_conditioning(self._embed(canvas_ids_BC), soft_BCD)
         positions = starts_B[:, None] + torch.arange(canvas_ids_BC.shape[1], device=x.device)
+        spans = {}  # each row's run of keys, per window: computed by the first layer that needs it
 
         def attention(i, layer, cos, sin):
-            return lambda h: layer.self_attn.denoise_static(h, cos, sin, cache, i, rows_B, starts_B)
+            return lambda h: layer.self_attn.denoise_static(h, cos, sin, cache, i, rows_B, starts_B, spans)
 
         return self._layers(x, positions, attention, denoise=True, invariant=False)
 

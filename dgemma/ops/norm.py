@@ -1,7 +1,10 @@
 """RMSNorm as one Triton kernel (the spec is `RMSNorm.forward` in model/layers.py).
 
 The pure-torch norm is six small kernels (cast, square, mean, add, power, multiply) at ~330 norms per
-denoise step: latency, not bandwidth. One program normalises one row in registers.
+denoise step: latency, not bandwidth. One program normalises one row in registers. Below it, a layer's
+glue fused: the norms and adds around the feed-forward blocks, the query and key norms with their
+rotation, and (in the graph-captured denoise step) the new keys and values normed straight into the
+cache.
 """
 
 from __future__ import annotations
@@ -158,16 +161,16 @@ def ff_combine(
 
 
 @triton.jit
-def _norm_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, eps, BLOCK: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)  # one (token, head) row of E values
-    token = row // H
+def _normed_rotated(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, row, token, E, eps, dtype: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Row `row` of x [.., E] normed, times w, rotated by the tables' row `token` (rotate_half's pairs
+    (i, i + E/2)), each step rounded to `dtype` where the torch composition rounds; float32, masked
+    lanes 0."""
     half = E // 2
     offs = tl.arange(0, BLOCK)
     mask = offs < E
-    partner = tl.where(offs < half, offs + half, offs - half)  # rotate_half's pairs (i, i + E/2)
-    dtype = out_ptr.dtype.element_ty
+    partner = tl.where(offs < half, offs + half, offs - half)
     x = tl.load(x_ptr + row * E + offs, mask=mask, other=0.0).to(tl.float32)
     x_p = tl.load(x_ptr + row * E + partner, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
@@ -176,8 +179,18 @@ def _norm_rope_kernel(
     y_p = tl.where(offs < half, -y_p.to(tl.float32), y_p.to(tl.float32))
     cos = tl.load(cos_ptr + token * E + offs, mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * E + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (y * cos).to(dtype).to(tl.float32) + (y_p * sin).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * E + offs, out.to(dtype), mask=mask)
+    return (y * cos).to(dtype).to(tl.float32) + (y_p * sin).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_kernel(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, eps, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # one (token, head) row of E values
+    dtype = out_ptr.dtype.element_ty
+    out = _normed_rotated(x_ptr, w_ptr, cos_ptr, sin_ptr, row, row // H, E, eps, dtype, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + row * E + offs, out.to(dtype), mask=offs < E)
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
@@ -190,3 +203,59 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
         BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _kv_into_cache_kernel(
+    k_ptr, v_ptr, w_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, rows_ptr, starts_ptr,
+    T, K, E, stride_r, stride_h, stride_s, k_eps, v_eps, BLOCK: tl.constexpr,
+):  # fmt: skip
+    src = tl.program_id(0).to(tl.int64)  # one (row b, token t, K/V head) row of E values
+    kv = src % K
+    token = src // K  # b * T + t
+    b = token // T
+    dst = (
+        tl.load(rows_ptr + b).to(tl.int64) * stride_r
+        + kv * stride_h
+        + (tl.load(starts_ptr + b).to(tl.int64) + token % T) * stride_s
+    )
+    dtype = k_ptr.dtype.element_ty  # the activations' (the cache may store another dtype)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    k = _normed_rotated(k_ptr, w_ptr, cos_ptr, sin_ptr, src, token, E, k_eps, dtype, BLOCK)
+    tl.store(keys_ptr + dst + offs, k.to(dtype).to(keys_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + src * E + offs, mask=mask, other=0.0).to(tl.float32)
+    v = _normed(v, E, v_eps).to(dtype)
+    tl.store(values_ptr + dst + offs, v.to(values_ptr.dtype.element_ty), mask=mask)
+
+
+def kv_into_cache(
+    k_raw: torch.Tensor,
+    v_raw: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_eps: float,
+    v_eps: float,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows_B: torch.Tensor,
+    starts_B: torch.Tensor,
+) -> None:
+    """The new keys and values of T tokens per row, normed (and the keys rotated) straight into the
+    cache: keys[rows_B[b], :, starts_B[b] + t] = apply_rope(norm(k_raw) * k_weight, cos, sin)[b, t] and
+    values[...] = norm(v_raw)[b, t] (the value norm has no scale), for k_raw, v_raw [B, T, K, E] (v_raw
+    may be k_raw itself), tables [B, T, E] and the cache's layer storage [rows, K, S, E]. One kernel for
+    the key norm and rotation, the value norm and the two scattered writes; rows and starts are device
+    tensors (CUDA-graph safe)."""
+    b, t, kv, e = k_raw.shape
+    if keys.stride(-1) != 1 or keys.stride() != values.stride() or keys.shape[1] != kv:
+        raise ValueError(
+            f"kv_into_cache takes K/V storage [rows, {kv}, S, {e}] with the same strides, got "
+            f"{tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    _kv_into_cache_kernel[(b * t * kv,)](
+        k_raw.contiguous(), v_raw.contiguous(), k_weight, cos.contiguous(), sin.contiguous(), keys, values,
+        rows_B, starts_B, t, kv, e, keys.stride(0), keys.stride(1), keys.stride(2), k_eps, v_eps,
+        BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
+    )  # fmt: skip
