@@ -353,7 +353,7 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
     dtype on real-size rows: the share of output elements that are bitwise equal, and the largest
     difference relative to the output's scale."""
     from dgemma.model.layers import apply_rope
-    from dgemma.ops.norm import ff_combine, norm_rope, residual_norms
+    from dgemma.ops.norm import ff_combine, gated, norm_rope, residual_norms
 
     layer, d = model.layers[0], model.config.hidden_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -364,6 +364,10 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
     q = torch.randn(1, tokens, model.config.num_heads, e, device="cuda", generator=gen).to(model.dtype)
     angles = torch.rand(1, tokens, e // 2, device="cuda", generator=gen) * 100
     cos, sin = (torch.cat([f(angles)] * 2, -1).to(model.dtype) for f in (torch.cos, torch.sin))
+    gate, up = (
+        torch.randn(1, tokens, model.config.intermediate_size, device="cuda", generator=gen).to(model.dtype)
+        for _ in range(2)
+    )
     attn_layer, eps = layer.self_attn, layer.input_layernorm.eps
     fused = [
         *residual_norms(
@@ -376,6 +380,7 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
             layer.decoder_layer_scalar, eps,
         ),
         norm_rope(q, attn_layer.q_norm.weight, cos, sin, eps),
+        gated(gate, up, layer.mlp.act_name),
     ]  # fmt: skip
     with _pure_torch(model):
         r = x + layer.post_attention_layernorm(attn)
@@ -389,8 +394,17 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
             layer.router.norm(r) * layer.router.scale * layer.router.root,
             (x + mixed) * layer.decoder_layer_scalar,
             apply_rope(attn_layer.q_norm(q), cos, sin),
+            layer.mlp.act(gate) * up,
         ]
-    names = ["residual", "pre_ff_norm", "pre_ff_norm_2", "router_input", "ff_combine", "q_norm_rope"]
+    names = [
+        "residual",
+        "pre_ff_norm",
+        "pre_ff_norm_2",
+        "router_input",
+        "ff_combine",
+        "q_norm_rope",
+        "mlp_glue",
+    ]
     return {
         name: {
             "bitwise_equal": float((f == t).float().mean()),

@@ -474,6 +474,22 @@ def test_keys_and_values_are_normed_straight_into_the_cache(own_values):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "silu"])
+def test_the_dense_mlps_glue_in_one_kernel_matches_torch(activation, monkeypatch):
+    """gated(gate, up) = act(gate) * up, over several programs and a partial last one."""
+    import dgemma.ops.norm as norm_ops
+    from dgemma.model.layers import activation as torch_activation
+
+    monkeypatch.setattr(norm_ops, "GATED_BLOCK", 64)
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 5, 37) * 3, torch.randn(3, 5, 37)
+    want = torch_activation(activation)(gate) * up
+    torch.testing.assert_close(norm_ops.gated(gate, up, activation), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        norm_ops.gated(gate, up[..., :36], activation)
+
+
+@needs_interpreter
 def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
     """The wiring: Layer and Attention through the fused kernels (forced on, on the CPU: norms, experts
     summed in ff_combine) vs the plain modules, in both modes and mixed (the fused commit's split)."""

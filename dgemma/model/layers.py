@@ -86,9 +86,16 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = activation(act)
+        self.act_name = act
+        self.use_kernel = True  # on CUDA, inference takes act(gate) * up in one kernel (dgemma.ops.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.use_kernel and self.act_name in ("gelu_pytorch_tanh", "silu") and kernels_apply(x):
+            from dgemma.ops.norm import gated
+
+            return self.down_proj(gated(gate, up, self.act_name))
+        return self.down_proj(self.act(gate) * up)
 
 
 class Router(nn.Module):

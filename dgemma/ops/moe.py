@@ -223,7 +223,9 @@ def align(index_NK: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
 
 
 @triton.jit
-def _activation(x, ACT: tl.constexpr):
+def activate(x, ACT: tl.constexpr):
+    """The activation ACT ("gelu_pytorch_tanh" or "silu") of x, in x's float dtype (also used by the
+    dense MLP's glue, dgemma.ops.norm.gated)."""
     if ACT == "gelu_pytorch_tanh":
         # gelu(x, tanh) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)), the same function as
         # 0.5 x (1 + tanh(...)) without a tanh instruction
@@ -325,7 +327,7 @@ def _gate_up_kernel(
     # the reference rounds the projection, the activation and the product to the weight dtype
     gate = acc_g.to(dtype).to(tl.float32)
     up = acc_u.to(dtype).to(tl.float32)
-    h = (_activation(gate, ACT).to(dtype).to(tl.float32) * up).to(dtype)
+    h = (activate(gate, ACT).to(dtype).to(tl.float32) * up).to(dtype)
     if SWAP_AB:
         tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hs + offs_n[:, None], h, mask=n_ok[:, None])
     else:

@@ -13,6 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.ops.moe import activate
+
+GATED_BLOCK = 1024  # elements per program of `gated`
+
 
 @triton.jit
 def _normed(x, D, eps):
@@ -259,3 +263,26 @@ def kv_into_cache(
         rows_B, starts_B, t, kv, e, keys.stride(0), keys.stride(1), keys.stride(2), k_eps, v_eps,
         BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
     )  # fmt: skip
+
+
+@triton.jit
+def _gated_kernel(gate_ptr, up_ptr, out_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    act = activate(gate, ACT).to(dtype).to(tl.float32)  # torch rounds the activation, then the product
+    tl.store(out_ptr + offs, (act * up).to(dtype), mask=mask)
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up in one pass (the dense MLP's glue: two elementwise kernels in torch), for
+    activation "gelu_pytorch_tanh" or "silu", each rounded to the inputs' dtype as torch rounds it."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gated takes gate and up of one shape and dtype, got {gate.shape} and {up.shape}")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    _gated_kernel[(triton.cdiv(n, GATED_BLOCK),)](gate, up, out, n, ACT=activation, BLOCK=GATED_BLOCK)
+    return out
