@@ -436,17 +436,18 @@ def test_fused_layer_glue_kernels_match_the_torch_ops():
 
 @needs_interpreter
 @pytest.mark.parametrize("own_values", [True, False])  # a sliding layer's v_proj; a full layer's V = raw K
-def test_keys_and_values_are_normed_straight_into_the_cache(own_values):
-    """kv_into_cache equals the norms, the rotation and the cache write it replaces, at each row's own
+def test_the_attention_norms_write_keys_and_values_straight_into_the_cache(own_values):
+    """qkv_norms equals the norms, the rotations and the cache write it replaces, at each row's own
     positions (rows out of order), and touches nothing else in the cache."""
     from dgemma.model.layers import RMSNorm, apply_rope
-    from dgemma.ops.norm import kv_into_cache
+    from dgemma.ops.norm import qkv_norms
 
     torch.manual_seed(0)
-    b, t, kv, e, eps = 2, 5, 3, 16, 1e-6
-    k_raw = torch.randn(b, t, kv, e)
+    b, t, h, kv, e, eps = 2, 5, 4, 2, 16, 0.1  # large and distinct per norm: a mixed-up eps shows
+    q_raw, k_raw = torch.randn(b, t, h, e), torch.randn(b, t, kv, e)
     v_raw = torch.randn(b, t, kv, e) if own_values else k_raw
-    k_norm, v_norm = RMSNorm(e, eps), RMSNorm(e, eps, with_scale=False)
+    q_norm, k_norm, v_norm = RMSNorm(e, eps), RMSNorm(e, 2 * eps), RMSNorm(e, 3 * eps, with_scale=False)
+    q_norm.weight.data.uniform_(0.5, 1.5)
     k_norm.weight.data.uniform_(0.5, 1.5)
     angles = torch.rand(b, t, e // 2) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
@@ -460,17 +461,17 @@ def test_keys_and_values_are_normed_straight_into_the_cache(own_values):
     for store, again in zip(cache.keys + cache.values, want.keys + want.values):
         again.copy_(store)
     rows, starts = torch.tensor([2, 0]), torch.tensor([7, 0])
+    storage = {"keys": cache.keys[0], "values": cache.values[0], "rows_B": rows, "starts_B": starts}
+    norms = {"weights": (q_norm.weight, k_norm.weight), "eps": (eps, 2 * eps, 3 * eps)}
     with torch.no_grad():
         k, v = apply_rope(k_norm(k_raw), cos, sin), v_norm(v_raw)
         want.write(0, (rows[:, None], starts[:, None] + torch.arange(t)), k, v)
-        kv_into_cache(
-            k_raw, v_raw, k_norm.weight, cos, sin, eps, eps, cache.keys[0], cache.values[0], rows, starts
-        )
+        q = qkv_norms(q_raw, k_raw, v_raw, cos, sin, **norms, **storage)
+        torch.testing.assert_close(q, apply_rope(q_norm(q_raw), cos, sin), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache.keys[0], want.keys[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache.values[0], want.values[0], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="K/V storage"):
-        kv_into_cache(k_raw, v_raw, k_norm.weight, cos, sin, eps, eps, cache.keys[0][:, :2], cache.values[0],
-                      rows, starts)  # fmt: skip
+        qkv_norms(q_raw, k_raw, v_raw, cos, sin, **norms, **{**storage, "keys": cache.keys[0][:, :1]})
 
 
 @needs_interpreter

@@ -191,20 +191,27 @@ class Attention(nn.Module):
         them), so prefix and canvas are one run of cache positions: a sliding layer gathers the last
         `window - 1` prefix positions and the canvas (positions before 0 are masked); a full layer reads
         the row's whole storage, masked past the canvas. With the kernels (CUDA), the run is read in
-        place instead (`dgemma.ops.attention.attend_cache`): no gather, no mask; the new K/V are normed
-        straight into the cache (`dgemma.ops.norm.kv_into_cache`), and each row's run of keys is
-        computed once per forward for the layers of one window and kept in `spans` (a dict the caller
-        gives every layer of the forward)."""
+        place instead (`dgemma.ops.attention.attend_cache`): no gather, no mask; the norms are one
+        kernel that also writes the new K/V straight into the cache (`dgemma.ops.norm.qkv_norms`), and
+        each row's run of keys is computed once per forward for the layers of one window and kept in
+        `spans` (a dict the caller gives every layer of the forward)."""
         b, c, _ = x_BCD.shape
         if self.q_norm.use_kernel and kernels_apply(x_BCD) and _in_place(self.spec.head_dim, x_BCD.dtype):
             from dgemma.ops.attention import attend_cache
-            from dgemma.ops.norm import kv_into_cache, norm_rope
+            from dgemma.ops.norm import qkv_norms
 
-            q_raw, k_raw, v_raw = self.project_raw(x_BCD, denoise=True)
-            q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.q_norm.eps)
             keys, values = cache.keys[layer], cache.values[layer]
-            kv_into_cache(k_raw, v_raw, self.k_norm.weight, cos, sin, self.k_norm.eps, self.v_norm.eps,
-                          keys, values, rows_B, starts_B)  # fmt: skip
+            q = qkv_norms(
+                *self.project_raw(x_BCD, denoise=True),
+                cos,
+                sin,
+                weights=(self.q_norm.weight, self.k_norm.weight),
+                eps=(self.q_norm.eps, self.k_norm.eps, self.v_norm.eps),
+                keys=keys,
+                values=values,
+                rows_B=rows_B,
+                starts_B=starts_B,
+            )
             spans = {} if spans is None else spans
             if self.spec.window not in spans:  # each row's run of keys: its prefix in the window, the canvas
                 if self.spec.window is None:

@@ -3,8 +3,8 @@
 The pure-torch norm is six small kernels (cast, square, mean, add, power, multiply) at ~330 norms per
 denoise step: latency, not bandwidth. One program normalises one row in registers. Below it, a layer's
 glue fused: the norms and adds around the feed-forward blocks, the query and key norms with their
-rotation, and (in the graph-captured denoise step) the new keys and values normed straight into the
-cache.
+rotation, and (in the graph-captured denoise step) those with the new keys and values normed straight
+into the cache.
 """
 
 from __future__ import annotations
@@ -210,59 +210,77 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 
 
 @triton.jit
-def _kv_into_cache_kernel(
-    k_ptr, v_ptr, w_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, rows_ptr, starts_ptr,
-    T, K, E, stride_r, stride_h, stride_s, k_eps, v_eps, BLOCK: tl.constexpr,
+def _qkv_norms_kernel(
+    q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr,
+    rows_ptr, starts_ptr, T, H, K, E, stride_r, stride_h, stride_s, q_eps, k_eps, v_eps,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    src = tl.program_id(0).to(tl.int64)  # one (row b, token t, K/V head) row of E values
-    kv = src % K
-    token = src // K  # b * T + t
-    b = token // T
-    dst = (
-        tl.load(rows_ptr + b).to(tl.int64) * stride_r
-        + kv * stride_h
-        + (tl.load(starts_ptr + b).to(tl.int64) + token % T) * stride_s
-    )
-    dtype = k_ptr.dtype.element_ty  # the activations' (the cache may store another dtype)
+    pid = tl.program_id(0).to(tl.int64)
+    q_rows = tl.num_programs(0) // (H + K) * H  # B * T * H query rows first, then B * T * K K/V rows
+    dtype = q_ptr.dtype.element_ty  # the activations' (the cache may store another dtype)
     offs = tl.arange(0, BLOCK)
     mask = offs < E
-    k = _normed_rotated(k_ptr, w_ptr, cos_ptr, sin_ptr, src, token, E, k_eps, dtype, BLOCK)
-    tl.store(keys_ptr + dst + offs, k.to(dtype).to(keys_ptr.dtype.element_ty), mask=mask)
-    v = tl.load(v_ptr + src * E + offs, mask=mask, other=0.0).to(tl.float32)
-    v = _normed(v, E, v_eps).to(dtype)
-    tl.store(values_ptr + dst + offs, v.to(values_ptr.dtype.element_ty), mask=mask)
+    if pid < q_rows:  # one (token, query head) row, as _norm_rope_kernel
+        q = _normed_rotated(q_ptr, q_w_ptr, cos_ptr, sin_ptr, pid, pid // H, E, q_eps, dtype, BLOCK)
+        tl.store(q_out_ptr + pid * E + offs, q.to(dtype), mask=mask)
+    else:  # one (token, K/V head) row, written at its row's cache position
+        src = pid - q_rows
+        token = src // K  # b * T + t
+        b = token // T
+        dst = (
+            tl.load(rows_ptr + b).to(tl.int64) * stride_r
+            + (src % K) * stride_h
+            + (tl.load(starts_ptr + b).to(tl.int64) + token % T) * stride_s
+        )
+        k = _normed_rotated(k_ptr, k_w_ptr, cos_ptr, sin_ptr, src, token, E, k_eps, dtype, BLOCK)
+        tl.store(keys_ptr + dst + offs, k.to(dtype).to(keys_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + src * E + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _normed(v, E, v_eps).to(dtype)
+        tl.store(values_ptr + dst + offs, v.to(values_ptr.dtype.element_ty), mask=mask)
 
 
-def kv_into_cache(
+def qkv_norms(
+    q_raw: torch.Tensor,
     k_raw: torch.Tensor,
     v_raw: torch.Tensor,
-    k_weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    k_eps: float,
-    v_eps: float,
+    *,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    eps: tuple[float, float, float],
     keys: torch.Tensor,
     values: torch.Tensor,
     rows_B: torch.Tensor,
     starts_B: torch.Tensor,
-) -> None:
-    """The new keys and values of T tokens per row, normed (and the keys rotated) straight into the
-    cache: keys[rows_B[b], :, starts_B[b] + t] = apply_rope(norm(k_raw) * k_weight, cos, sin)[b, t] and
-    values[...] = norm(v_raw)[b, t] (the value norm has no scale), for k_raw, v_raw [B, T, K, E] (v_raw
-    may be k_raw itself), tables [B, T, E] and the cache's layer storage [rows, K, S, E]. One kernel for
-    the key norm and rotation, the value norm and the two scattered writes; rows and starts are device
-    tensors (CUDA-graph safe)."""
-    b, t, kv, e = k_raw.shape
-    if keys.stride(-1) != 1 or keys.stride() != values.stride() or keys.shape[1] != kv:
+) -> torch.Tensor:
+    """The attention's norms in one kernel, with the new keys and values written straight into the
+    cache. For q_raw [B, T, H, E], k_raw and v_raw [B, T, K, E] (v_raw may be k_raw itself), tables
+    cos, sin [B, T, E], the query and key norms' `weights` and the three norms' `eps` (query, key,
+    value): returns apply_rope(norm(q_raw) * wq, cos, sin) and sets, at each row's positions
+    starts_B[b] + t of cache row rows_B[b] in the layer's storage keys, values [rows, K, S, E],
+    apply_rope(norm(k_raw) * wk, cos, sin) and norm(v_raw) (the value norm has no scale). Replaces two
+    norm-and-rotate kernels, a norm and two indexed writes; rows and starts are device tensors
+    (CUDA-graph safe)."""
+    b, t, h, e = q_raw.shape
+    kv = k_raw.shape[2]
+    if (
+        keys.stride(-1) != 1
+        or keys.stride() != values.stride()
+        or keys.shape[1] != kv
+        or k_raw.shape[-1] != e
+    ):
         raise ValueError(
-            f"kv_into_cache takes K/V storage [rows, {kv}, S, {e}] with the same strides, got "
+            f"qkv_norms takes K/V storage [rows, {kv}, S, {e}] with the same strides, got "
             f"{tuple(keys.shape)} and {tuple(values.shape)}"
         )
-    _kv_into_cache_kernel[(b * t * kv,)](
-        k_raw.contiguous(), v_raw.contiguous(), k_weight, cos.contiguous(), sin.contiguous(), keys, values,
-        rows_B, starts_B, t, kv, e, keys.stride(0), keys.stride(1), keys.stride(2), k_eps, v_eps,
+    q_raw = q_raw.contiguous()
+    q = torch.empty_like(q_raw)
+    _qkv_norms_kernel[(b * t * (h + kv),)](
+        q_raw, k_raw.contiguous(), v_raw.contiguous(), *weights, cos.contiguous(), sin.contiguous(), q, keys,
+        values, rows_B, starts_B, t, h, kv, e, keys.stride(0), keys.stride(1), keys.stride(2), *eps,
         BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
     )  # fmt: skip
+    return q
 
 
 @triton.jit
