@@ -421,6 +421,14 @@ def test_fused_layer_glue_kernels_match_the_torch_ops():
         got = ff_combine(r, mlp_out, terms, *weights, torch.tensor([0.7]), eps)
         want = (r + norms[5](norms[3](mlp_out) + norms[4](terms.sum(2)))) * 0.7
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # with the norm that follows the layer (the next layer's input norm), from the same kernel
+        out, normed = ff_combine(
+            r, mlp_out, terms, *weights, torch.tensor([0.7]), eps, next_norm=(scale, 0.3)
+        )
+        following = RMSNorm(d, 0.3)
+        following.weight.data.copy_(scale)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(normed, following(out), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="layer scalar"):
             ff_combine(r, mlp_out, experts_out, *weights, torch.ones(t + 1), eps)
         heads, e = 3, 16

@@ -74,13 +74,16 @@ class Layer(nn.Module):
         h2 = h2.reshape(r_BTD.shape)
         return r_BTD + self.post_feedforward_layernorm(h1 + self.post_feedforward_layernorm_2(h2))
 
+    def _scalar(self, x, denoise: bool, split: int | None) -> torch.Tensor:
+        if split is None:
+            return self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
+        encoder_T1 = torch.arange(x.shape[1], device=x.device)[:, None] < split
+        return torch.where(encoder_T1, self.encoder_layer_scalar, self.decoder_layer_scalar)
+
     def forward(self, x, attend, *, denoise: bool, invariant: bool = True, split: int | None = None):
         """`attend(normed_x) -> h` is the attention call of the mode (the model binds cache and rows);
         with `split`, tokens before it are in encode mode and the rest in denoise mode."""
-        scalar = self.decoder_layer_scalar if denoise else self.encoder_layer_scalar
-        if split is not None:
-            encoder_T1 = torch.arange(x.shape[1], device=x.device)[:, None] < split
-            scalar = torch.where(encoder_T1, self.encoder_layer_scalar, self.decoder_layer_scalar)
+        scalar = self._scalar(x, denoise, split)
         if self.input_layernorm.use_kernel and kernels_apply(x):
             return self._fused_forward(x, attend(self.input_layernorm(x)), scalar, invariant=invariant)
         r = x + self.post_attention_layernorm(attend(self.input_layernorm(x)))
@@ -90,9 +93,21 @@ class Layer(nn.Module):
             out = self.feed_forward(r, invariant=invariant)
         return out * scalar
 
-    def _fused_forward(self, x_BTD, attn_BTD, scalar, *, invariant: bool) -> torch.Tensor:
+    def forward_chained(self, x, normed_x, attend, next_norm: RMSNorm, *, denoise: bool, invariant: bool,
+                        split: int | None = None):  # fmt: skip
+        """`forward` through the fused kernels for a chain of layers: this layer's input norm comes
+        computed by the layer before (None: computed here), and the norm that follows this layer (the
+        next layer's input norm, or the model's final norm) is computed in the kernel that writes the
+        output. Returns (output, next_norm(output))."""
+        if normed_x is None:
+            normed_x = self.input_layernorm(x)
+        scalar = self._scalar(x, denoise, split)
+        return self._fused_forward(x, attend(normed_x), scalar, invariant=invariant, next_norm=next_norm)
+
+    def _fused_forward(self, x_BTD, attn_BTD, scalar, *, invariant: bool, next_norm: RMSNorm | None = None):
         """`forward` after attention with the norms, residual adds, the experts' sum and the layer
-        scalar fused into two kernels (dgemma.ops.norm): the same function, far fewer launches."""
+        scalar fused into two kernels (dgemma.ops.norm): the same function, far fewer launches. With
+        `next_norm`, (output, next_norm(output)) from the same kernel."""
         from dgemma.ops.norm import ff_combine, residual_norms
 
         d, eps = x_BTD.shape[-1], self.input_layernorm.eps
@@ -121,6 +136,7 @@ class Layer(nn.Module):
             self.post_feedforward_layernorm.weight,
             scalar,
             eps,
+            next_norm=None if next_norm is None else (next_norm.weight, next_norm.eps),
         )
 
 
@@ -320,12 +336,24 @@ class DiffusionGemma(nn.Module):
         """Every layer, then the final norm; `attention(i, layer, cos, sin)` gives layer i's attend.
         With `split`, tokens before it are in encode mode, and only the others are returned."""
         tables = {}
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        # through the fused kernels, each layer's output kernel also computes the norm that follows it
+        chained = all(n.use_kernel for n in norms) and self.layers[0].input_layernorm.use_kernel
+        chained = chained and kernels_apply(x)
+        normed = None
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]
             key = (spec.rope, spec.head_dim)
             if key not in tables:
                 tables[key] = self._rope(spec, positions, x.dtype)
-            x = layer(x, attention(i, layer, *tables[key]), denoise=denoise, invariant=invariant, split=split)
+            attend = attention(i, layer, *tables[key])
+            mode = {"denoise": denoise, "invariant": invariant, "split": split}
+            if chained:
+                x, normed = layer.forward_chained(x, normed, attend, norms[i], **mode)
+            else:
+                x = layer(x, attend, **mode)
+        if chained:
+            return normed if split is None else normed[:, split:].contiguous()
         return self.norm(x if split is None else x[:, split:])
 
     @property

@@ -112,8 +112,8 @@ def residual_norms(
 
 @triton.jit
 def _ff_combine_kernel(
-    r_ptr, m_ptr, e_ptr, w_m_ptr, w_e_ptr, w_ptr, scalar_ptr, out_ptr,
-    D, T, K, scalar_stride, eps, BLOCK: tl.constexpr,
+    r_ptr, m_ptr, e_ptr, w_m_ptr, w_e_ptr, w_ptr, scalar_ptr, out_ptr, w_next_ptr, next_ptr,
+    D, T, K, scalar_stride, eps, next_eps, NEXT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -134,7 +134,12 @@ def _ff_combine_kernel(
     r = tl.load(r_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
     out = (r + (_normed(mixed, D, eps) * w).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     scalar = tl.load(scalar_ptr + (row % T) * scalar_stride).to(tl.float32)
-    tl.store(out_ptr + row * D + offs, (out * scalar).to(dtype), mask=mask)
+    out = (out * scalar).to(dtype)
+    tl.store(out_ptr + row * D + offs, out, mask=mask)
+    if NEXT:  # the next norm of the output (the next layer's input norm), as _rms_norm_kernel computes it
+        w_next = tl.load(w_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _normed(out.to(tl.float32), D, next_eps) * w_next
+        tl.store(next_ptr + row * D + offs, y.to(dtype), mask=mask)
 
 
 def ff_combine(
@@ -146,10 +151,14 @@ def ff_combine(
     w: torch.Tensor,
     scalar: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
+    *,
+    next_norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(r + norm(norm(mlp_out) * w_mlp + norm(experts) * w_experts) * w) * scalar, for r [B, T, D];
     experts_out is [B, T, D], or [B, T, K, D]: each token's K expert terms, summed here first. scalar
-    holds one value, or one per position [T, 1] (a layer whose tokens mix the two modes)."""
+    holds one value, or one per position [T, 1] (a layer whose tokens mix the two modes). With
+    next_norm = (weight, eps), also the RMSNorm of the result (what the next layer's input norm, or the
+    final norm, computes from it), returned second: one kernel fewer a layer."""
     b, t, d = r.shape
     k = experts_out.shape[2] if experts_out.dim() == 4 else 1
     outs = [z.contiguous().view(-1, d) for z in (r, mlp_out, experts_out)]
@@ -157,11 +166,16 @@ def ff_combine(
     flat = scalar.reshape(-1)
     if flat.numel() not in (1, t):
         raise ValueError(f"the layer scalar needs 1 or {t} values, got {flat.numel()}")
+    w_next, next_eps = next_norm if next_norm is not None else (w, eps)
+    normed = torch.empty_like(out) if next_norm is not None else out
     _ff_combine_kernel[(b * t,)](
-        *outs, w_mlp, w_experts, w, flat, out, d, t, k, 0 if flat.numel() == 1 else flat.stride(0), eps,
+        *outs, w_mlp, w_experts, w, flat, out, w_next, normed, d, t, k,
+        0 if flat.numel() == 1 else flat.stride(0), eps, next_eps, NEXT=next_norm is not None,
         **_row_launch(d),
     )  # fmt: skip
-    return out.view(r.shape)
+    if next_norm is None:
+        return out.view(r.shape)
+    return out.view(r.shape), normed.view(r.shape)
 
 
 @triton.jit
