@@ -336,10 +336,10 @@ class DiffusionGemma(nn.Module):
         """Every layer, then the final norm; `attention(i, layer, cos, sin)` gives layer i's attend.
         With `split`, tokens before it are in encode mode, and only the others are returned."""
         tables = {}
-        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         # through the fused kernels, each layer's output kernel also computes the norm that follows it
-        chained = all(n.use_kernel for n in norms) and self.layers[0].input_layernorm.use_kernel
-        chained = chained and kernels_apply(x)
+        # (norms[i + 1]: the next layer's input norm, or the final norm)
+        norms = [layer.input_layernorm for layer in self.layers] + [self.norm]
+        chained = kernels_apply(x) and all(n.use_kernel for n in norms)
         normed = None
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]
@@ -349,7 +349,7 @@ class DiffusionGemma(nn.Module):
             attend = attention(i, layer, *tables[key])
             mode = {"denoise": denoise, "invariant": invariant, "split": split}
             if chained:
-                x, normed = layer.forward_chained(x, normed, attend, norms[i], **mode)
+                x, normed = layer.forward_chained(x, normed, attend, norms[i + 1], **mode)
             else:
                 x = layer(x, attend, **mode)
         if chained:
