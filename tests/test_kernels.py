@@ -546,9 +546,8 @@ def test_attention_over_the_cache_in_place_matches_sdpa(splits, monkeypatch):
     SDPA over the gathered run of each row's keys, float32, two rows of different ranges."""
     import dgemma.ops.attention as attention_ops
 
-    monkeypatch.setattr(attention_ops, "BLOCK_M", 16)
-    monkeypatch.setattr(attention_ops, "tiles", lambda *_: (16, 1, 4))  # several key blocks per split
-    monkeypatch.setattr(attention_ops, "splits_for", lambda programs: splits)
+    # several key blocks per split, several query blocks per (row, K/V head)
+    monkeypatch.setattr(attention_ops, "choose_tiles", lambda *_: attention_ops.Tiles(16, 16, 1, 4, splits))
     torch.manual_seed(0)
     b, c, h, kv, e, positions = 2, 12, 4, 2, 16, 80
     q = torch.randn(b, c, h, e)

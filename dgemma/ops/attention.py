@@ -16,11 +16,24 @@ the second matmul (as flash attention does).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64  # folded query rows per program
+
+class Tiles(NamedTuple):
+    """How `attend_cache` cuts the work: folded query rows per program, keys per iteration, pipeline
+    stages, warps, and the programs a row's run of keys is split over (1: no merge kernel)."""
+
+    block_m: int
+    block_n: int
+    stages: int
+    warps: int
+    splits: int
+
+
 TARGET_PROGRAMS = 264  # about two per SM on an H100: below it, the keys are split
 
 
@@ -30,17 +43,21 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
     return head_dim & (head_dim - 1) == 0 and head_dim * torch.finfo(dtype).bits // 8 <= 1024
 
 
-def tiles(head_dim: int, dtype: torch.dtype, splits: int) -> tuple[int, int, int]:
-    """(keys per iteration, pipeline stages, warps), from the H100 sweeps in
-    bench/results/2026-11-22_h100_attention_tiles.json and 2026-11-22_h100_attention_warps.json:
-    narrow key blocks; 8 warps for the 1 KB rows of the full layers and where the keys are split over
-    many programs (one canvas), 4 warps and 2 stages where each program walks all of them (8 canvases:
-    a sliding layer 0.097 instead of 0.130 ms)."""
+def choose_tiles(head_dim: int, dtype: torch.dtype, blocks: int, folded_rows: int) -> Tiles:
+    """The tiles for `blocks` (row, K/V head) pairs of `folded_rows` query rows each, from the H100
+    sweeps in bench/results/2026-11-22_h100_attention_tiles.json and 2026-11-22_h100_attention_warps.json:
+    64 folded rows a program and narrow key blocks; the keys split until there are about two programs
+    an SM; 8 warps for the 1 KB rows of the full layers and where the keys are split over many programs
+    (one canvas), 4 warps and 2 stages where each program walks all of them (8 canvases: a sliding layer
+    0.097 instead of 0.130 ms)."""
+    block_m = 64
+    programs = triton.cdiv(folded_rows, block_m) * blocks
+    splits = max(1, min(8, -(-TARGET_PROGRAMS // programs)))
     if head_dim * torch.finfo(dtype).bits // 8 >= 1024:
-        return 32, 2, 8
+        return Tiles(block_m, 32, 2, 8, splits)
     if splits > 1:
-        return 32, 3, 8 if head_dim >= 256 else 4
-    return 32, 2, 4
+        return Tiles(block_m, 32, 3, 8 if head_dim >= 256 else 4, splits)
+    return Tiles(block_m, 32, 2, 4, splits)
 
 
 @triton.jit
@@ -128,10 +145,6 @@ def _merge_kernel(
     tl.store(out_ptr + out_row * E + offs_e, (num / den).to(out_ptr.dtype.element_ty))
 
 
-def splits_for(num_programs: int) -> int:
-    return max(1, min(8, -(-TARGET_PROGRAMS // num_programs)))
-
-
 def attend_cache(
     q_BCHE: torch.Tensor,
     k_cache: torch.Tensor,
@@ -140,12 +153,12 @@ def attend_cache(
     lo_B: torch.Tensor,
     hi_B: torch.Tensor,
     *,
-    config: tuple[int, int, int, int] | None = None,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T) v for each row's canvas queries q [B, C, H, E] over the keys at cache positions
     lo_B[b] <= p < hi_B[b] of cache row rows_B[b] (k_cache, v_cache [rows, K, S, E]); [B, C, H, E].
-    No host synchronisation: rows and key ranges are device tensors (CUDA-graph safe). `config`
-    (block_m, block_n, stages, warps) overrides the tiles (sweeps)."""
+    No host synchronisation: rows and key ranges are device tensors (CUDA-graph safe). `tiles`
+    overrides `choose_tiles` (sweeps)."""
     b, c, h, e = q_BCHE.shape
     kv = k_cache.shape[1]
     if not supports(e, q_BCHE.dtype) or h % kv:
@@ -156,23 +169,19 @@ def attend_cache(
     q = q_BCHE.contiguous()
     out = torch.empty_like(q)
     gc = h // kv * c
-    block_m = BLOCK_M if config is None else config[0]
-    m_blocks = triton.cdiv(gc, block_m)
-    splits = splits_for(m_blocks * b * kv)
+    t = tiles or choose_tiles(e, q.dtype, b * kv, gc)
+    m_blocks = triton.cdiv(gc, t.block_m)
     acc = ml = out  # unused with one split
-    if splits > 1:
-        acc = torch.empty(splits, b * kv * gc, e, device=q.device, dtype=torch.float32)
-        ml = torch.empty(splits, b * kv * gc, 2, device=q.device, dtype=torch.float32)
+    if t.splits > 1:
+        acc = torch.empty(t.splits, b * kv * gc, e, device=q.device, dtype=torch.float32)
+        ml = torch.empty(t.splits, b * kv * gc, 2, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_n, stages, warps = tiles(e, q.dtype, splits)
-    if config is not None:
-        _, block_n, stages, warps = config
-    _split_kernel[(m_blocks, b * kv, splits)](
+    _split_kernel[(m_blocks, b * kv, t.splits)](
         q, k_cache, v_cache, out, acc, ml, rows_B, lo_B, hi_B,
-        c, h, h // kv, kv, gc, splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        E=e, BLOCK_M=block_m, BLOCK_N=block_n, DIRECT=splits == 1, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        c, h, h // kv, kv, gc, t.splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        E=e, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DIRECT=t.splits == 1, PRECISION=precision,
+        num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
-    if splits > 1:
-        _merge_kernel[(b * kv * gc,)](acc, ml, out, c, h, h // kv, kv, gc, splits, E=e, num_warps=4)
+    if t.splits > 1:
+        _merge_kernel[(b * kv * gc,)](acc, ml, out, c, h, h // kv, kv, gc, t.splits, E=e, num_warps=4)
     return out
