@@ -7,11 +7,11 @@ head, E head dim, S cache positions a row stores.
 A row's visible keys are one run of its cache positions, [lo, hi): the prefix the layer shows the
 canvas (a sliding layer its last `window - 1` positions) and the canvas's own K/V just past it. So the
 kernel reads K and V where the cache keeps them (no gather, no mask tensor, no padded keys), and the G
-query heads that share a K/V head are one block of G * C query rows. Few rows give few programs, so the
-run of keys is split over several programs (`splits`), each with its own running max and sum, merged
-by a second kernel; with one split the first kernel writes the output itself. Softmax scale 1.0
-(q_norm and k_norm carry the scale), float32 accumulation, the probabilities rounded to V's dtype for
-the second matmul (as flash attention does).
+query heads that share a K/V head are one block of G * C query rows. The run of keys can be split over
+several programs (`Tiles.splits`), each with its own running max and sum, merged by a second kernel;
+with one split (the shipped tiles: see `choose_tiles`) the first kernel writes the output itself.
+Softmax scale 1.0 (q_norm and k_norm carry the scale), float32 accumulation, the probabilities rounded
+to V's dtype for the second matmul (as flash attention does).
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ class Tiles(NamedTuple):
     splits: int
 
 
-TARGET_PROGRAMS = 264  # about two per SM on an H100: below it, the keys are split
-
-
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernel's tiles fit in shared memory: up to 512 in 2-byte dtypes (the release's full
     layers), 256 in float32 (wider float32 heads keep the gather + SDPA path)."""
@@ -45,19 +42,17 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
 
 def choose_tiles(head_dim: int, dtype: torch.dtype, blocks: int, folded_rows: int) -> Tiles:
     """The tiles for `blocks` (row, K/V head) pairs of `folded_rows` query rows each, from the H100
-    sweeps in bench/results/2026-11-22_h100_attention_tiles.json and 2026-11-22_h100_attention_warps.json:
-    64 folded rows a program and narrow key blocks; the keys split until there are about two programs
-    an SM; 8 warps for the 1 KB rows of the full layers and where the keys are split over many programs
-    (one canvas), 4 warps and 2 stages where each program walks all of them (8 canvases: a sliding layer
-    0.097 instead of 0.130 ms)."""
-    block_m = 64
-    programs = triton.cdiv(folded_rows, block_m) * blocks
-    splits = max(1, min(8, -(-TARGET_PROGRAMS // programs)))
+    sweep of bench/attention_sweep.py (bench/results/2026-11-23_h100_attention_sweep.json, release
+    shapes, 768 visible keys, 1 to 8 canvases): each program walks all of its rows' keys, 32 at a time
+    (splitting the keys over more programs, with the merge kernel after, was slower at every shape
+    measured; `Tiles.splits` stays for sweeps); 64 folded rows, 4 warps, 2 stages, except the 1 KB rows
+    of the full layers: 32 rows, 64 keys and 8 warps while they make few programs, 64 rows and 8 warps
+    from 8 canvases on."""
     if head_dim * torch.finfo(dtype).bits // 8 >= 1024:
-        return Tiles(block_m, 32, 2, 8, splits)
-    if splits > 1:
-        return Tiles(block_m, 32, 3, 8 if head_dim >= 256 else 4, splits)
-    return Tiles(block_m, 32, 2, 4, splits)
+        if triton.cdiv(folded_rows, 64) * blocks >= 512:
+            return Tiles(64, 32, 2, 8, 1)
+        return Tiles(32, 64, 2, 8, 1)
+    return Tiles(64, 32, 2, 4, 1)
 
 
 @triton.jit
