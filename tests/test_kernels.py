@@ -387,6 +387,54 @@ def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
     assert 0 < int(spec[0].accepted) < c  # some positions accepted, some renoised: both branches checked
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_vocabulary_stage_matches_the_fused_one(dtype, monkeypatch):
+    """The batched stage (what the CUDA graph holds: both built-in samplers with per-canvas parameters,
+    in a padded group) against the per-canvas fused path, two steps in a row from the same seeds:
+    identical tokens, acceptance and generator states after each step (the draws are the same draws),
+    mean entropy equal, and the soft embedding equal to the one the engine computed from the signal."""
+    import dgemma.engine.vocab as vocab_module
+    import dgemma.ops.vocab as ops
+    from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler
+    from dgemma.engine.vocab import VocabStage
+
+    monkeypatch.setattr(ops, "BLOCK", 32)
+    monkeypatch.setattr(ops, "SPLIT", 96)
+    monkeypatch.setattr(vocab_module, "kernels_apply", lambda x: True)  # the fused passes on the CPU
+    model, _ = model_and_cache([5])
+    model = model.to(dtype)
+    c, d = model.config.canvas_length, model.config.hidden_size
+    gen = torch.Generator().manual_seed(7)
+    hidden = (torch.randn(3, c, d, generator=gen) * torch.tensor([0.5, 4.0, 40.0])[:, None, None]).to(dtype)
+    canvases = list(torch.randint(0, 384, (3, c), generator=gen))
+    temps = [0.8, torch.tensor(0.55), 0.41]
+    samplers = [EntropyBoundSampler(0.5), ConfidenceSampler(0.6), EntropyBoundSampler(2.0)]
+    plain, batched = VocabStage(model), VocabStage(model, static=True, groups=4)  # 3 canvases: 1 padding slot
+    gens = {stage: [torch.Generator().manual_seed(100 + j) for j in range(3)] for stage in (plain, batched)}
+    with torch.inference_mode():
+        for step in range(2):
+            got = {
+                stage: stage.sample(
+                    hidden * (1 + step), canvases, temps=temps, samplers=samplers, generators=gens[stage]
+                )
+                for stage in (plain, batched)
+            }
+            for f, b in zip(got[plain], got[batched]):
+                assert torch.equal(f.argmax, b.argmax)
+                assert torch.equal(f.next_canvas, b.next_canvas)
+                assert int(f.accepted) == int(b.accepted) > 0
+                assert torch.equal(f.mean_entropy, b.mean_entropy)
+            for g_plain, g_batched in zip(gens[plain], gens[batched]):
+                assert torch.equal(g_plain.get_state(), g_batched.get_state())
+            assert got[batched][0].signal is None
+            rtol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(
+                batched.soft_embeddings(got[batched]), plain.soft_embeddings(got[plain]), rtol=rtol, atol=1e-5
+            )
+    assert list(batched._groups) == [4]
+    assert 0 < int(got[plain][0].accepted) < c  # both branches of the acceptance checked
+
+
 @needs_interpreter
 def test_fused_layer_glue_kernels_match_the_torch_ops():
     """residual_norms, ff_combine and norm_rope against the RMSNorm modules, adds and apply_rope they

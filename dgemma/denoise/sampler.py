@@ -59,10 +59,7 @@ class EntropyBoundSampler(Sampler):
         self.entropy_bound = entropy_bound
 
     def accept(self, entropy_BC: torch.Tensor, top_prob_BC: torch.Tensor) -> torch.Tensor:
-        sorted_h, order = torch.sort(entropy_BC, dim=-1, descending=False)
-        # sorted ascending, so the running maximum of the first k is the k-th entry itself
-        keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= self.entropy_bound
-        return torch.scatter(torch.zeros_like(keep_sorted), dim=-1, index=order, src=keep_sorted)
+        return entropy_bound_keep(entropy_BC, self.entropy_bound)
 
 
 class ConfidenceSampler(Sampler):
@@ -75,9 +72,22 @@ class ConfidenceSampler(Sampler):
         self.threshold = threshold
 
     def accept(self, entropy_BC: torch.Tensor, top_prob_BC: torch.Tensor) -> torch.Tensor:
-        keep = top_prob_BC >= self.threshold
-        best = top_prob_BC.argmax(dim=-1, keepdim=True)
-        return keep.scatter(-1, best, True)
+        return confidence_keep(top_prob_BC, self.threshold)
+
+
+def entropy_bound_keep(entropy_BC: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """`EntropyBoundSampler.accept` with its bound a float or one per canvas ([B, 1] float32)."""
+    sorted_h, order = torch.sort(entropy_BC, dim=-1, descending=False)
+    # sorted ascending, so the running maximum of the first k is the k-th entry itself
+    keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.scatter(torch.zeros_like(keep_sorted), dim=-1, index=order, src=keep_sorted)
+
+
+def confidence_keep(top_prob_BC: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """`ConfidenceSampler.accept` with its threshold a float or one per canvas ([B, 1] float32)."""
+    keep = top_prob_BC >= threshold
+    best = top_prob_BC.argmax(dim=-1, keepdim=True)
+    return keep.scatter(-1, best, True)
 
 
 def make_sampler(name: str, *, entropy_bound: float, confidence: float) -> Sampler:
@@ -99,10 +109,12 @@ class StepOutcome:
     next_canvas: torch.Tensor  # [1, C] accepted samples, renoised elsewhere: the next step's input
     argmax: torch.Tensor  # [1, C] the draft; the committed canvas when the canvas stops
     # [1, C, V] softmax of the tempered logits in the embedding's dtype: the next step's
-    # self-conditioning signal (DiffusionGemma.expected_embedding turns it into the soft embedding)
-    signal: torch.Tensor
+    # self-conditioning signal (DiffusionGemma.expected_embedding turns it into the soft embedding);
+    # None where the vocabulary stage computed that embedding itself (`soft`)
+    signal: torch.Tensor | None
     accepted: torch.Tensor  # 0-d: positions kept this step
     mean_entropy: torch.Tensor  # 0-d fp32, compared in fp32 as the reference does
+    soft: torch.Tensor | None = None  # [1, C, D] the soft embedding of `signal`, where computed
 
 
 def sample_step(

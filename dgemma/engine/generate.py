@@ -198,7 +198,8 @@ class Engine:
         # the head's fp32 logits are [rows, C, V]: on the GPU a few rows at a time, so memory per step
         # does not grow with the batch (on CPU the whole batch: one call, as the reference does)
         self.logit_rows = GPU_LOGIT_ROWS if model.device.type == "cuda" else slots
-        self.vocab = VocabStage(model)
+        # on CUDA the built-in samplers' vocabulary stage is a graph replay too (see VocabStage)
+        self.vocab = VocabStage(model, graphs=graphs, static=static, groups=self.logit_rows)
         # prompts admitted together are encoded in groups of up to this many tokens (see prefill_groups)
         if prefill_tokens is None:
             prefill_tokens = GPU_PREFILL_TOKENS if model.device.type == "cuda" else 0
@@ -355,9 +356,9 @@ class Engine:
                     r.canvas = outcome.argmax  # the committed canvas is the argmax one
                     committed.append(r)
                 else:
-                    going_on.append((r, outcome.signal))
+                    going_on.append((r, outcome))
             if going_on:  # the next step's self-conditioning signal, for the group's continuing canvases
-                soft = model.expected_embedding(torch.cat([signal for _, signal in going_on]))
+                soft = self.vocab.soft_embeddings([outcome for _, outcome in going_on])
                 for j, (r, _) in enumerate(going_on):
                     r.self_conditioning = soft[j : j + 1]
         yield from _commit(committed)
