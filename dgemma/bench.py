@@ -837,8 +837,8 @@ def run_bench(
     section("canvases", lambda: bench_canvases(model, prompt_len, canvases, max(steps)))
     section("memory", lambda: peak_memory_at(model, 4096, max(steps)))
     section("streams", lambda: bench_streams(model, prompt_len, streams, max(steps), stream_canvases))
-    # after the timed sections: once torch's profiler has run, the process replays a graph more slowly
-    # (on 2026-11-23 the one-canvas forward took 23.1 ms after it, 22.0 ms in a process without it)
+    # after the timed sections: on 2026-11-23 a run that profiled first timed the one-canvas forward at
+    # 23.1 ms, runs that did not at 21.8-22.0 ms, with the same kernel times (other machines, though)
     section("profile", lambda: bench_profile(model, prompt_len))
     section("profile8", lambda: bench_profile(model, prompt_len, rows=8))
     record["peak_memory_gb"] = gigabytes(torch.cuda.max_memory_allocated())

@@ -55,10 +55,9 @@ class _Group:
     graph: torch.cuda.CUDAGraph | None
     generators: list[torch.Generator]  # one per canvas slot, registered with the graph
     hidden_GCD: torch.Tensor
-    temp_G: torch.Tensor
-    bound_G: torch.Tensor  # the entropy bound of entropy-bound canvases
-    threshold_G: torch.Tensor  # the threshold of confidence canvases
-    confidence_G: torch.Tensor  # bool: the canvas's sampler is the confidence one
+    # per canvas: temperature, entropy bound (entropy-bound canvases), threshold (confidence
+    # canvases), 1.0 where the sampler is the confidence one: one copy from the host a call
+    params_4G: torch.Tensor
     out: dict[str, torch.Tensor] | None = None
 
 
@@ -162,18 +161,18 @@ class VocabStage:
         group.hidden_GCD[:n].copy_(hidden_GCD)
         params = torch.tensor(
             [
-                [
-                    getattr(s, "entropy_bound", 0.0),
-                    getattr(s, "threshold", 0.0),
-                    float(isinstance(s, ConfidenceSampler)),
-                ]
-                for s in samplers
-            ]
+                [float(t) for t in temps],
+                [getattr(s, "entropy_bound", 0.0) for s in samplers],
+                [getattr(s, "threshold", 0.0) for s in samplers],
+                [float(isinstance(s, ConfidenceSampler)) for s in samplers],
+            ],
+            dtype=torch.float32,
         )
-        group.temp_G[:n].copy_(_stacked(temps), non_blocking=True)
-        group.bound_G[:n].copy_(params[:, 0], non_blocking=True)
-        group.threshold_G[:n].copy_(params[:, 1], non_blocking=True)
-        group.confidence_G[:n].copy_(params[:, 2] > 0, non_blocking=True)
+        if group.params_4G.is_cuda:
+            # from pinned memory the copy is queued behind the forward; from pageable memory the host
+            # would wait for the forward to finish before it could launch this stage
+            params = params.pin_memory()
+        group.params_4G[:, :n].copy_(params, non_blocking=True)
         for slot, generator in zip(group.generators, generators):
             slot.set_state(generator.get_state())
         if group.graph is None:
@@ -202,13 +201,14 @@ class VocabStage:
         g, c, _ = group.hidden_GCD.shape
         vocab, device = model.config.vocab_size, group.hidden_GCD.device
         noise = torch.empty(c, vocab, dtype=torch.float32, device=device)
-        temp_R = group.temp_G.repeat_interleave(c)
+        temp_G, bound_G, threshold_G, confidence_G = group.params_4G
+        temp_R = temp_G.repeat_interleave(c)
         stats, draws_GC, probs = self._draws(group.hidden_GCD, temp_R, group.generators, noise)
         entropy_GC, top_prob_GC = stats.entropy.view(g, c), stats.top_prob.view(g, c)
         keep = torch.where(
-            group.confidence_G[:, None],
-            confidence_keep(top_prob_GC, group.threshold_G[:, None]),
-            entropy_bound_keep(entropy_GC, group.bound_G[:, None]),
+            confidence_G[:, None] > 0,
+            confidence_keep(top_prob_GC, threshold_G[:, None]),
+            entropy_bound_keep(entropy_GC, bound_G[:, None]),
         )
         # each canvas's renoising draw after its sampling draw, from its own generator (as `decide`)
         renoise = torch.cat([random_canvas(c, vocab, gen, device) for gen in group.generators])
@@ -229,10 +229,7 @@ class VocabStage:
             graph=torch.cuda.CUDAGraph() if self.graphs else None,
             generators=[torch.Generator(device) for _ in range(size)],
             hidden_GCD=torch.zeros(size, c, d, dtype=model.dtype, device=device),
-            temp_G=torch.ones(size, device=device),
-            bound_G=torch.zeros(size, device=device),
-            threshold_G=torch.zeros(size, device=device),
-            confidence_G=torch.zeros(size, dtype=torch.bool, device=device),
+            params_4G=torch.ones(4, size, device=device),
         )
         if self.graphs:  # warm up on a side stream (compiles the Triton kernels), then capture
             side = torch.cuda.Stream()

@@ -1,0 +1,73 @@
+"""The engine's denoise step with the vocabulary stage replayed from its CUDA graph (the default on
+CUDA) against the same engine with the stage launched eagerly, alternated in one process.
+
+    python bench/vocab_graph_ab.py --json OUT.json [--canvases 1,4,8] [--rounds 3]
+
+Release config, random bf16 weights, 512-token prompts, 16 fixed steps a canvas, n concurrent
+requests of 3 canvases: the median step of each request's middle canvas (its commit step left out), as
+`dgemma bench`'s canvases section times it. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dgemma.bench import _engine, _requests, _run_requests, build_model, median, versions
+from dgemma.engine.vocab import VocabStage
+from dgemma.model.config import ModelConfig
+from dgemma.model.presets import release_config_dict
+
+PROMPT, STEPS = 512, 16
+
+
+def step_ms(model, n: int, graphs: bool) -> float:
+    engine = _engine(model, n, PROMPT, 3)
+    if not graphs:
+        engine.vocab = VocabStage(model)  # the fused passes, launched eagerly
+    times, _ = _run_requests(engine, _requests(model, n, PROMPT, STEPS, 3))
+    return median(times[STEPS + 1 : 2 * STEPS - 1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--canvases", default="1,4,8")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    record = {
+        "benchmark": "the engine step with the vocabulary stage as a CUDA graph replay vs launched eagerly",
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "versions": versions(),
+        "command": "python bench/vocab_graph_ab.py " + " ".join(sys.argv[1:]),
+        "runs": [],
+    }
+    model = build_model(ModelConfig.from_dict(release_config_dict()), None, torch.bfloat16)
+    with torch.inference_mode():
+        for n in (int(c) for c in args.canvases.split(",")):
+            for attempt in range(args.rounds):
+                for graphs in (True, False):
+                    ms = step_ms(model, n, graphs)
+                    record["runs"].append({"canvases": n, "graph": graphs, "attempt": attempt, "step_ms": ms})
+                    print(f"{n} canvases, vocabulary graph {graphs}: step {ms:.3f} ms", flush=True)
+                    Path(args.json).write_text(json.dumps(record, indent=1))
+    summary = {}
+    for n in sorted({r["canvases"] for r in record["runs"]}):
+        for graphs in (True, False):
+            runs = [r["step_ms"] for r in record["runs"] if r["canvases"] == n and r["graph"] == graphs]
+            summary[f"{n}_canvases_{'graph' if graphs else 'eager'}_ms"] = median(runs)
+    record["median_step_ms"] = summary
+    print(json.dumps(summary), flush=True)
+    Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
