@@ -347,25 +347,33 @@ def test_rms_norm_kernel_matches_the_torch_norm(with_scale):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
-    """The Triton vocabulary passes against the spec (fp32 logits, torch softmaxes, torch.multinomial)
-    on the same hidden states with the same generators: identical argmax, draws, acceptance and next
-    canvas; entropy and the self-conditioning signal to rounding. Tiles shrunk so that a row spans
-    several programs and a masked tail."""
+def _vocab_stage_inputs(dtype, monkeypatch):
+    """The tiny model in `dtype` with the vocabulary tiles shrunk (vocabulary 384: 4 programs a row, a
+    masked tail), and three canvases' hidden states at three scales, canvases and temperatures."""
     import dgemma.ops.vocab as ops
-    from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler
-    from dgemma.engine.vocab import VocabStage
 
     monkeypatch.setattr(ops, "BLOCK", 32)
-    monkeypatch.setattr(ops, "SPLIT", 96)  # vocabulary 384: 4 programs a row
+    monkeypatch.setattr(ops, "SPLIT", 96)
     model, _ = model_and_cache([5])
     model = model.to(dtype)
     c, d = model.config.canvas_length, model.config.hidden_size
     gen = torch.Generator().manual_seed(7)
     hidden = (torch.randn(3, c, d, generator=gen) * torch.tensor([0.5, 4.0, 40.0])[:, None, None]).to(dtype)
     canvases = list(torch.randint(0, 384, (3, c), generator=gen))
-    temps = [0.8, torch.tensor(0.55), 0.41]
+    return model, hidden, canvases, [0.8, torch.tensor(0.55), 0.41]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
+    """The Triton vocabulary passes against the spec (fp32 logits, torch softmaxes, torch.multinomial)
+    on the same hidden states with the same generators: identical argmax, draws, acceptance and next
+    canvas; entropy and the self-conditioning signal to rounding. Tiles shrunk so that a row spans
+    several programs and a masked tail."""
+    from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler
+    from dgemma.engine.vocab import VocabStage
+
+    model, hidden, canvases, temps = _vocab_stage_inputs(dtype, monkeypatch)
+    c = model.config.canvas_length
     samplers = [EntropyBoundSampler(0.5), EntropyBoundSampler(2.0), ConfidenceSampler(0.6)]
     stage = VocabStage(model)
 
@@ -394,20 +402,12 @@ def test_batched_vocabulary_stage_matches_the_fused_one(dtype, monkeypatch):
     identical tokens, acceptance and generator states after each step (the draws are the same draws),
     mean entropy equal, and the soft embedding equal to the one the engine computed from the signal."""
     import dgemma.engine.vocab as vocab_module
-    import dgemma.ops.vocab as ops
     from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler
     from dgemma.engine.vocab import VocabStage
 
-    monkeypatch.setattr(ops, "BLOCK", 32)
-    monkeypatch.setattr(ops, "SPLIT", 96)
     monkeypatch.setattr(vocab_module, "kernels_apply", lambda x: True)  # the fused passes on the CPU
-    model, _ = model_and_cache([5])
-    model = model.to(dtype)
-    c, d = model.config.canvas_length, model.config.hidden_size
-    gen = torch.Generator().manual_seed(7)
-    hidden = (torch.randn(3, c, d, generator=gen) * torch.tensor([0.5, 4.0, 40.0])[:, None, None]).to(dtype)
-    canvases = list(torch.randint(0, 384, (3, c), generator=gen))
-    temps = [0.8, torch.tensor(0.55), 0.41]
+    model, hidden, canvases, temps = _vocab_stage_inputs(dtype, monkeypatch)
+    c = model.config.canvas_length
     samplers = [EntropyBoundSampler(0.5), ConfidenceSampler(0.6), EntropyBoundSampler(2.0)]
     plain, batched = VocabStage(model), VocabStage(model, static=True, groups=4)  # 3 canvases: 1 padding slot
     gens = {stage: [torch.Generator().manual_seed(100 + j) for j in range(3)] for stage in (plain, batched)}
