@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma.bench import _engine, _requests, _run_requests, build_model, median, versions
+from dgemma.bench import _engine, build_model, median, middle_canvas_step_ms, versions
 from dgemma.engine.vocab import VocabStage
 from dgemma.model.config import ModelConfig
 from dgemma.model.presets import release_config_dict
@@ -32,8 +32,7 @@ def step_ms(model, n: int, graphs: bool) -> float:
     engine = _engine(model, n, PROMPT, 3)
     if not graphs:
         engine.vocab = VocabStage(model)  # the fused passes, launched eagerly
-    times, _ = _run_requests(engine, _requests(model, n, PROMPT, STEPS, 3))
-    return median(times[STEPS + 1 : 2 * STEPS - 1])
+    return middle_canvas_step_ms(model, engine, PROMPT, STEPS)
 
 
 def main() -> None:

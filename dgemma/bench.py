@@ -303,14 +303,20 @@ def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
     }
 
 
-def _vocab_fused_vs_spec(model: DiffusionGemma, prompt_len: int, canvases: int = 4) -> dict:
-    """The vocabulary stage on real hidden states of the fast path: the fused Triton passes vs the spec
-    (fp32 logits, torch softmaxes, torch.multinomial), same generators (so the same sampling noise)."""
+def _canvas_hidden(model: DiffusionGemma, prompt_len: int, canvases: int, seed: int):
+    """(ids [N, C], hidden [N, C, D]): random canvases after one random prompt and the denoiser's final
+    hidden states on them (the fast path's forward, no graphs)."""
     c = model.config.canvas_length
     cache = model.new_cache(batch_size=1, max_length=prompt_len)
     model.encode(torch.tensor([random_prompt(model, prompt_len, 1)], device=model.device), cache)
-    ids = torch.tensor([random_prompt(model, c, 10 + i) for i in range(canvases)], device=model.device)
-    hidden = torch.cat([model.denoise_hidden(ids[i : i + 1], cache) for i in range(canvases)])
+    ids = torch.tensor([random_prompt(model, c, seed + i) for i in range(canvases)], device=model.device)
+    return ids, torch.cat([model.denoise_hidden(ids[i : i + 1], cache) for i in range(canvases)])
+
+
+def _vocab_fused_vs_spec(model: DiffusionGemma, prompt_len: int, canvases: int = 4) -> dict:
+    """The vocabulary stage on real hidden states of the fast path: the fused Triton passes vs the spec
+    (fp32 logits, torch softmaxes, torch.multinomial), same generators (so the same sampling noise)."""
+    ids, hidden = _canvas_hidden(model, prompt_len, canvases, seed=10)
     temps = [temperature(s, 16, 0.4, 0.8) for s in range(16, 16 - canvases, -1)]
     vocab = VocabStage(model)
 
@@ -353,11 +359,7 @@ def _vocab_graph_vs_fused(model: DiffusionGemma, prompt_len: int, canvases: int 
     passes run eagerly, two steps from the same seeds, both built-in samplers, a padded group: the
     share of equal tokens, whether each generator ends in the same state, and the soft embedding's
     difference (the graph computes it over the whole group, the eager path over the canvases given)."""
-    c = model.config.canvas_length
-    cache = model.new_cache(batch_size=1, max_length=prompt_len)
-    model.encode(torch.tensor([random_prompt(model, prompt_len, 1)], device=model.device), cache)
-    ids = torch.tensor([random_prompt(model, c, 20 + i) for i in range(canvases)], device=model.device)
-    hidden = torch.cat([model.denoise_hidden(ids[i : i + 1], cache) for i in range(canvases)])
+    ids, hidden = _canvas_hidden(model, prompt_len, canvases, seed=20)
     temps = [temperature(16 - i, 16, 0.4, 0.8) for i in range(canvases)]
     samplers = [EntropyBoundSampler(0.5), ConfidenceSampler(0.6), EntropyBoundSampler(2.0)][:canvases]
     stages = {"eager": VocabStage(model), "graph": VocabStage(model, graphs=True, groups=GPU_LOGIT_ROWS)}
@@ -643,14 +645,20 @@ def bench_single(model: DiffusionGemma, prompt_len: int, steps_list: Sequence[in
     return out
 
 
+def middle_canvas_step_ms(model: DiffusionGemma, engine: Engine, prompt_len: int, steps: int) -> float:
+    """Median step of the middle canvas of 3-canvas requests (one per engine slot), its commit step left
+    out: the engine's plain denoise step with that many canvases."""
+    step_ms, _ = _run_requests(engine, _requests(model, engine.slots, prompt_len, steps, 3))
+    return median(step_ms[steps + 1 : 2 * steps - 1])
+
+
 def bench_canvases(model: DiffusionGemma, prompt_len: int, counts: Sequence[int], steps: int) -> dict:
     """Median step time with n canvases denoised in one step (n users), and its ratio to one."""
     out: dict = {}
     for n in counts:
-        engine = _engine(model, n, prompt_len, 3)
-        step_ms, _ = _run_requests(engine, _requests(model, n, prompt_len, steps, 3))
-        # the middle canvas of each request, commit step excluded
-        out[f"step_ms_{n}_canvases"] = median(step_ms[steps + 1 : 2 * steps - 1])
+        out[f"step_ms_{n}_canvases"] = middle_canvas_step_ms(
+            model, _engine(model, n, prompt_len, 3), prompt_len, steps
+        )
     base = out.get(f"step_ms_{counts[0]}_canvases")
     for n in counts:
         out[f"step_ratio_{n}_canvases"] = round(out[f"step_ms_{n}_canvases"] / base, 3)

@@ -29,6 +29,11 @@ def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> to
     return t_min + (t_max - t_min) * (torch.tensor(cur_step, dtype=torch.int32) / max_steps)
 
 
+def stack_temperatures(temps: list[torch.Tensor | float]) -> torch.Tensor:
+    """Per-canvas temperatures (0-d tensors or floats) as one [G] float32 tensor, on the CPU."""
+    return torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in temps])
+
+
 def entropy(logits_BCV: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position, computed as torch.distributions.Categorical does."""
     normalized = logits_BCV - logits_BCV.logsumexp(dim=-1, keepdim=True)
@@ -147,7 +152,7 @@ def sample_steps(
     not depend on the others in the group. The self-conditioning signal is softmax of the tempered
     logits cast to `signal_dtype` (the embedding's), in that dtype: what the reference's soft embedding
     multiplies by the embedding matrix."""
-    temp_G = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in temps]).to(logits_GCV.device)
+    temp_G = stack_temperatures(temps).to(logits_GCV.device)
     tempered = logits_GCV / temp_G[:, None, None]
     probs = torch.softmax(tempered, dim=-1, dtype=torch.float32)
     argmax = tempered.argmax(dim=-1)

@@ -45,6 +45,24 @@ class _Graph:
             self.graph.replay()
 
 
+def capture(
+    graph: torch.cuda.CUDAGraph, fn: Callable[[], object], pool, generators: Sequence[torch.Generator] = ()
+) -> object:
+    """Warm fn up twice on a side stream (compiles the Triton kernels, fills lazy caches), register the
+    generators it draws from (besides the default one) with `graph`, then capture it into `graph`
+    (memory from `pool`, None: a new one); returns what the captured call returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph, pool=pool):
+        return fn()
+
+
 def buckets_for(num_rows: int) -> tuple[int, ...]:
     """Powers of two below `num_rows`, then `num_rows` itself."""
     sizes, b = [], 1
@@ -197,15 +215,7 @@ class DenoiseRunner:
             self._captured[kind, size] = g
             return g
         began = time.perf_counter()
-        # warm up on a side stream (compiles the Triton kernels, fills lazy caches), then capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(g.graph, pool=self._pool):
-            g.hidden_BCD = forward()
+        g.hidden_BCD = capture(g.graph, forward, self._pool)
         self._pool = g.graph.pool()
         self._captured[kind, size] = g
         logger.info("captured the %s graph for %d rows in %.1f s", kind, size, time.perf_counter() - began)

@@ -42,8 +42,9 @@ from dgemma.denoise.sampler import (
     entropy_bound_keep,
     random_canvas,
     sample_steps,
+    stack_temperatures,
 )
-from dgemma.engine.runner import buckets_for
+from dgemma.engine.runner import buckets_for, capture
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.layers import kernels_apply
 
@@ -118,7 +119,7 @@ class VocabStage:
     def fused(self, hidden_GCD, canvases, *, temps, samplers, generators) -> list[StepOutcome]:
         """`sample` through the Triton passes (CUDA; CPU tensors run under TRITON_INTERPRET=1)."""
         g, c, _ = hidden_GCD.shape
-        temp_R = _stacked(temps).to(hidden_GCD.device, non_blocking=True).repeat_interleave(c)
+        temp_R = stack_temperatures(temps).to(hidden_GCD.device, non_blocking=True).repeat_interleave(c)
         if self._noise is None or self._noise.shape[0] != c or self._noise.device != hidden_GCD.device:
             self._noise = torch.empty(
                 c, self.model.config.vocab_size, dtype=torch.float32, device=hidden_GCD.device
@@ -231,22 +232,8 @@ class VocabStage:
             hidden_GCD=torch.zeros(size, c, d, dtype=model.dtype, device=device),
             params_4G=torch.ones(4, size, device=device),
         )
-        if self.graphs:  # warm up on a side stream (compiles the Triton kernels), then capture
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._batched_stage(group)
-            torch.cuda.current_stream().wait_stream(side)
-            for generator in group.generators:
-                group.graph.register_generator_state(generator)
-            with torch.cuda.graph(group.graph, pool=self._pool):
-                group.out = self._batched_stage(group)
+        if self.graphs:  # the slot generators draw inside the graph
+            group.out = capture(group.graph, lambda: self._batched_stage(group), self._pool, group.generators)
             self._pool = group.graph.pool()
         self._groups[size] = group
         return group
-
-
-def _stacked(temps: list[torch.Tensor | float]) -> torch.Tensor:
-    """The temperatures [G] float32 (on the CPU: the caller moves them)."""
-    return torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in temps])
