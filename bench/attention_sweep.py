@@ -19,7 +19,6 @@ Needs a CUDA device.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import sys
@@ -30,7 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dgemma.ops.attention as attention_ops
-from dgemma.bench import _engine, _requests, _run_requests, build_model, kernel_ms, random_prompt, versions
+from dgemma.bench import (
+    _engine,
+    _requests,
+    _run_requests,
+    build_model,
+    kernel_ms,
+    random_prompt,
+    record_header,
+)
 from dgemma.model.config import ModelConfig
 from dgemma.model.presets import release_config_dict
 from dgemma.ops.attention import Tiles, attend_cache
@@ -116,11 +123,7 @@ def main() -> None:
     p.add_argument("--forward-rows", default="1,8")
     args = p.parse_args()
     record = {
-        "benchmark": "attend_cache's tiles and key splits on release shapes, then in the denoise forward",
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "versions": versions(),
-        "command": "python bench/attention_sweep.py " + " ".join(sys.argv[1:]),
+        **record_header("attend_cache's tiles and key splits on release shapes, then in the denoise forward"),
         "sweep": [],
     }
     best: dict[tuple[int, int], Tiles] = {}  # (head dim, rows) -> fastest tiles

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import sys
@@ -37,8 +36,8 @@ from dgemma.bench import (
     build_model,
     copy_bandwidth_gbps,
     kernel_ms,
+    record_header,
     release_expert_layer,
-    versions,
 )
 from dgemma.model.config import ModelConfig
 from dgemma.model.layers import Experts, Router
@@ -147,9 +146,7 @@ def main() -> int:
     experts, router = release_expert_layer(fp8=args.quantization == "fp8")
     nbytes = sum(w.numel() * w.element_size() for w in (experts.gate_up_proj, experts.down_proj))
     record = {
-        "benchmark": "moe_order_sweep", "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(), "versions": versions(), "quantization": args.quantization,
-        "command": " ".join(["python", *sys.argv]),
+        **record_header("moe_order_sweep"), "quantization": args.quantization,
         "weight_bytes_per_layer": nbytes,
         "copy_gbps": copy_bandwidth_gbps(), "sweep": [], "layer": [],
     }  # fmt: skip

@@ -15,7 +15,6 @@ to measure what each kernel boundary costs and what PDL saves of it. Needs a CUD
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from collections import defaultdict
@@ -25,7 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma.bench import _engine, _requests, _run_requests, build_model, kernel_ms, random_prompt, versions
+from dgemma.bench import (
+    _engine,
+    _requests,
+    _run_requests,
+    build_model,
+    kernel_ms,
+    random_prompt,
+    record_header,
+)
 from dgemma.model.config import ModelConfig
 from dgemma.model.presets import release_config_dict
 
@@ -193,11 +200,7 @@ def main() -> None:
     p.add_argument("--pdl", action="store_true")
     args = p.parse_args()
     record = {
-        "benchmark": "step anatomy: the denoise graph's kernels and the idle time between them",
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "versions": versions(),
-        "command": "python bench/step_anatomy.py " + " ".join(sys.argv[1:]),
+        **record_header("step anatomy: the denoise graph's kernels and the idle time between them"),
         "quantization": args.quantization,
     }
     if args.pdl:

@@ -11,7 +11,6 @@ requests of 3 canvases: the median step of each request's middle canvas (its com
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma.bench import _engine, build_model, median, middle_canvas_step_ms, versions
+from dgemma.bench import _engine, build_model, median, middle_canvas_step_ms, record_header
 from dgemma.engine.vocab import VocabStage
 from dgemma.model.config import ModelConfig
 from dgemma.model.presets import release_config_dict
@@ -42,11 +41,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     record = {
-        "benchmark": "the engine step with the vocabulary stage as a CUDA graph replay vs launched eagerly",
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "versions": versions(),
-        "command": "python bench/vocab_graph_ab.py " + " ".join(sys.argv[1:]),
+        **record_header(
+            "the engine step with the vocabulary stage as a CUDA graph replay vs launched eagerly"
+        ),
         "runs": [],
     }
     model = build_model(ModelConfig.from_dict(release_config_dict()), None, torch.bfloat16)

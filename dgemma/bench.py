@@ -123,6 +123,18 @@ def release_expert_layer(*, fp8: bool = False) -> tuple[Experts, Router]:
     return experts, router
 
 
+def record_header(benchmark: str) -> dict:
+    """The fields every record of a bench script starts with: what it measures, date, GPU, versions and
+    the command that reproduces it (as typed)."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "versions": versions(),
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
 def copy_bandwidth_gbps(nbytes: int = 2 * 10**9) -> float:
     """Device-to-device copy, counting bytes read and written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
