@@ -469,6 +469,34 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
     }
 
 
+def fp8_widening_exact(hidden: int = 256, inter: int = 64) -> dict:
+    """Each of the 254 finite e4m3 codes (both zeros and the subnormals included) as a weight of one
+    expert [hidden, inter], through the down kernel with one-hot bf16 inputs and unit scales and routing
+    weights, so that each output is one weight as the kernel widened it; against torch's own e4m3 ->
+    bf16 conversion, with the kernels' fast widening and with Triton's cast. (-0 comes back as +0 from
+    the accumulator either way: compared by value.)"""
+    from dgemma.ops.moe import align, default_config, down
+
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda")
+    codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are NaN in e4m3fn
+    raw = codes.repeat(hidden * inter // codes.numel() + 1)[: hidden * inter]
+    weight = raw.view(1, hidden, inter).view(torch.float8_e4m3fn)
+    index = torch.zeros(inter, 1, dtype=torch.long, device="cuda")
+    route = torch.ones(inter, 1, device="cuda")
+    want = weight[0].to(torch.bfloat16).t()
+    out: dict = {"codes": codes.numel()}
+    for fast in (True, False):
+        cfg = dataclasses.replace(default_config(inter, 1, torch.bfloat16, weight.dtype), fast_widen=fast)
+        slots = align(index, 1, cfg.block_m)
+        pair_of_slot = slots[0]
+        h = torch.zeros(pair_of_slot.numel(), inter, device="cuda", dtype=torch.bfloat16)
+        real = pair_of_slot < inter
+        h[real.nonzero().squeeze(1), pair_of_slot[real].long()] = 1.0
+        y = down(h, weight, slots, route, config=cfg, scale=torch.ones(1, hidden, device="cuda"))
+        out["fast_equal" if fast else "cast_equal"] = bool(torch.equal(y, want))
+    return out
+
+
 def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     """The fast path against the pure-torch path: (1) one full-size expert layer in bf16 (the kernels'
     own error); (2) the whole model in bf16 (random weights amplify rounding through 30 layers and
@@ -497,6 +525,7 @@ def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     two = DiffusionGemma.random(ModelConfig.from_dict(small), device="cuda", dtype=torch.float32, seed=1)
     if model.quantization is not None:  # the same kernels: FP8 tiles widened to float32
         two.quantize(model.quantization)
+        out["fp8_widening"] = fp8_widening_exact()
     out["two_layers_fp32"] = _fast_vs_pure(two, (two.config.layers[0].window or 0) + 100)
     del two
     torch.cuda.empty_cache()

@@ -102,6 +102,15 @@ def test_fp8_experts_kernels_match_the_dequantized_loop(swap_ab):
     assert w.norm() > 0 and (unquantized - expected).norm() / unquantized.norm() < 0.05
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline assembly: compiled CUDA kernels only")
+def test_fp8_widening_is_exact_on_cuda():
+    """The kernels' integer-op widening of FP8 weights (`_e4m3_to_bf16`, which the interpreter cannot
+    run) gives every finite e4m3 value exactly, as Triton's cast does; run on the device."""
+    from dgemma.bench import fp8_widening_exact
+
+    assert fp8_widening_exact() == {"codes": 254, "fast_equal": True, "cast_equal": True}
+
+
 @needs_interpreter
 @pytest.mark.parametrize("swap_ab", [False, True])
 def test_fp8_activations_kernels_match_the_loop(swap_ab):

@@ -51,6 +51,8 @@ class MoeConfig:
     down_num_stages: int | None = None
     down_swap_ab: bool | None = None
     down_group_m: int | None = None
+    # FP8 weights with bf16 activations on CUDA: widened by integer ops (_e4m3_to_bf16); False: Triton's cast
+    fast_widen: bool = True
 
     def down(self) -> dict:
         """The down kernel's block_n, num_warps, num_stages, swap_ab and group_m."""
@@ -250,11 +252,50 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
+def _e4m3_to_bf16(w):
+    """e4m3 -> bf16 exactly, four values per instance in integer ops and one packed multiply.
+
+    Triton's own conversion goes e4m3 -> f16 -> bf16, three conversion instructions per two values:
+    the conversion units then bound the FP8 kernels below the memory's rate. Here each e4m3 byte
+    (s eeee mmm) moves to the top byte of a bf16 half, its exponent and mantissa shift right by 4 into
+    bf16's fields (exponent bias 127 instead of 7), and a bf16 multiply by 2^120 restores the value;
+    subnormal e4m3 values become subnormal bf16 values that the multiply scales exactly too."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, k;
+        mov.b32 k, 0x7B807B80;
+        prmt.b32 $0, $2, 0, 0x1404;
+        shr.b32 t, $0, 4;
+        and.b32 t, t, 0x07F007F0;
+        lop3.b32 $0, t, $0, 0x80008000, 0xF8;
+        mul.rn.bf16x2 $0, $0, k;
+        prmt.b32 $1, $2, 0, 0x3424;
+        shr.b32 t, $1, 4;
+        and.b32 t, t, 0x07F007F0;
+        lop3.b32 $1, t, $1, 0x80008000, 0xF8;
+        mul.rn.bf16x2 $1, $1, k;
+        }""",
+        constraints="=r,=r,r",
+        args=[w.to(tl.uint8, bitcast=True)],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _tile_dot(
+    a_ptrs, b_ptrs, a_mask, b_mask, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+):
     """acc += a @ b, or with SWAP_AB (acc transposed) acc += b^T @ a^T: the weight tile becomes the
-    left operand, whose 64+ rows let Hopper use its warpgroup MMA when tokens are few."""
+    left operand, whose 64+ rows let Hopper use its warpgroup MMA when tokens are few. WIDEN: the FP8
+    weights widened by `_e4m3_to_bf16` (bf16 activations, compiled kernels) instead of Triton's cast."""
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-    b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(a.dtype)  # FP8 weights: exact in bf16 and fp32
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if WIDEN:  # noqa: SIM108 (a constexpr branch: the interpreter must not see the assembly)
+        b = _e4m3_to_bf16(b)
+    else:
+        b = b.to(a.dtype)  # FP8 weights: exact in bf16 and fp32
     if SWAP_AB:
         return tl.dot(b, a, acc, input_precision=PRECISION)
     else:
@@ -268,7 +309,7 @@ def _gate_up_kernel(
     stride_xn, stride_we, stride_wq, stride_hs,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr, X_SCALED: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _tile_of(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
@@ -301,8 +342,8 @@ def _gate_up_kernel(
         else:
             x_mask = valid[:, None] & k_ok[None, :]
             w_mask = k_ok[:, None] & n_ok[None, :]
-        acc_g = _tile_dot(x_ptrs, g_ptrs, x_mask, w_mask, acc_g, SWAP_AB, PRECISION)
-        acc_u = _tile_dot(x_ptrs, u_ptrs, x_mask, w_mask, acc_u, SWAP_AB, PRECISION)
+        acc_g = _tile_dot(x_ptrs, g_ptrs, x_mask, w_mask, acc_g, SWAP_AB, PRECISION, WIDEN)
+        acc_u = _tile_dot(x_ptrs, u_ptrs, x_mask, w_mask, acc_u, SWAP_AB, PRECISION, WIDEN)
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -341,6 +382,7 @@ def _down_kernel(
     stride_hs, stride_we, stride_wd, stride_yp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):  # fmt: skip
     num_n = tl.cdiv(D, BLOCK_N)
     pid_m, pid_n = _tile_of(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
@@ -365,11 +407,11 @@ def _down_kernel(
         k_ok = offs_k + k0 < I
         if SWAP_AB:
             acc = _tile_dot(
-                h_ptrs, w_ptrs, k_ok[:, None], n_ok[:, None] & k_ok[None, :], acc, SWAP_AB, PRECISION
+                h_ptrs, w_ptrs, k_ok[:, None], n_ok[:, None] & k_ok[None, :], acc, SWAP_AB, PRECISION, WIDEN
             )
         else:
             acc = _tile_dot(
-                h_ptrs, w_ptrs, k_ok[None, :], k_ok[:, None] & n_ok[None, :], acc, SWAP_AB, PRECISION
+                h_ptrs, w_ptrs, k_ok[None, :], k_ok[:, None] & n_ok[None, :], acc, SWAP_AB, PRECISION, WIDEN
             )
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -439,13 +481,23 @@ def _check_slots(slots: tuple[torch.Tensor, torch.Tensor], config: MoeConfig) ->
         )
 
 
-def _launch(dtype: torch.dtype, *, num_warps: int, num_stages: int, swap_ab: bool, group_m: int) -> dict:
+def _launch(
+    dtype: torch.dtype, *, widen: bool, num_warps: int, num_stages: int, swap_ab: bool, group_m: int
+) -> dict:
     # float32 models multiply in full float32 (Triton's default for float32 is TF32)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     return {
         "num_warps": num_warps, "num_stages": num_stages, "SWAP_AB": swap_ab, "PRECISION": precision,
-        "GROUP_M": group_m,
+        "GROUP_M": group_m, "WIDEN": widen,
     }  # fmt: skip
+
+
+def _widens(config: MoeConfig, weight: torch.Tensor, inputs: torch.Tensor) -> bool:
+    """Whether the kernel widens FP8 weights with `_e4m3_to_bf16`: bf16 inputs, and a compiled kernel
+    (inline assembly does not run under TRITON_INTERPRET on the CPU)."""
+    return (
+        config.fast_widen and weight.dtype in FP8_DTYPES and inputs.dtype == torch.bfloat16 and inputs.is_cuda
+    )
 
 
 def _scale_arg(weight: torch.Tensor, scale: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -495,8 +547,8 @@ def gate_up(
         ACT=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SCALED=scale is not None, X_SCALED=x_scale is not None,
         **_launch(
-            out_dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap_ab=cfg.swap_ab,
-            group_m=cfg.group_m,
+            out_dtype, widen=_widens(cfg, gate_up_XQD, x_ND), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, swap_ab=cfg.swap_ab, group_m=cfg.group_m,
         ),
     )  # fmt: skip
     return h_SI
@@ -528,6 +580,9 @@ def down(
         h_SI.stride(0), down_XDI.stride(0), down_XDI.stride(1), y_PD.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tiles["block_n"], BLOCK_K=config.down_block_k,
         SCALED=scale is not None,
-        **_launch(h_SI.dtype, **{k: tiles[k] for k in ("num_warps", "num_stages", "swap_ab", "group_m")}),
+        **_launch(
+            h_SI.dtype, widen=_widens(config, down_XDI, h_SI),
+            **{k: tiles[k] for k in ("num_warps", "num_stages", "swap_ab", "group_m")},
+        ),
     )  # fmt: skip
     return y_PD
