@@ -469,6 +469,47 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
     }
 
 
+def _commit_attention_vs_torch(model: DiffusionGemma, prompt_len: int) -> dict:
+    """One sliding and one full layer's attention in the fused commit (`commit_denoise_static`: the
+    finished canvas causally over its prefix, the next canvas over the new prefix), kernels (the norms
+    writing the cache, the causal attention read in place) vs the torch path (cache write, gather,
+    masked SDPA), in the model's dtype on random inputs and a random cache: the outputs' and the
+    written keys' relative errors."""
+    c, d, h = model.config.canvas_length, model.config.hidden_size, model.config.num_heads
+    gen = torch.Generator("cuda").manual_seed(0)
+    out = {}
+    for kind in ("sliding", "full"):
+        i = next(j for j, spec in enumerate(model.config.layers) if (spec.window is None) == (kind == "full"))
+        attn, e = model.layers[i].self_attn, model.config.layers[i].head_dim
+        cache = model.new_cache(batch_size=2, max_length=prompt_len + c)
+        for store in (cache.keys[i], cache.values[i]):
+            store.copy_(torch.randn(store.shape, device="cuda", generator=gen))
+        x = torch.randn(1, 2 * c, d, device="cuda", generator=gen).to(model.dtype)
+        angles = torch.rand(1, 2 * c, e // 2, device="cuda", generator=gen) * 100
+        cos, sin = (torch.cat([f(angles)] * 2, -1).to(model.dtype) for f in (torch.cos, torch.sin))
+        rows, starts = torch.tensor([0], device="cuda"), torch.tensor([prompt_len], device="cuda")
+        saved = [cache.keys[i].clone(), cache.values[i].clone()]
+        results = []
+        for use_kernel in (True, False):
+            cache.keys[i].copy_(saved[0])
+            cache.values[i].copy_(saved[1])
+            attn.q_norm.use_kernel = use_kernel
+            try:
+                with torch.inference_mode():
+                    y = attn.commit_denoise_static(x, cos, sin, cache, i, rows, starts)
+            finally:
+                attn.q_norm.use_kernel = True
+            results.append((y, cache.keys[i][0, :, prompt_len : prompt_len + 2 * c].clone()))
+        (y_fast, k_fast), (y_torch, k_torch) = results
+        out[kind] = {
+            "layer": i,
+            "heads": h,
+            "output_rel_err": rel_err(y_fast, y_torch),
+            "written_keys_rel_err": rel_err(k_fast, k_torch),
+        }
+    return out
+
+
 def fp8_widening_exact(hidden: int = 256, inter: int = 64) -> dict:
     """Each of the 254 finite e4m3 codes (both zeros and the subnormals included) as a weight of one
     expert [hidden, inter], through the down kernel with one-hot bf16 inputs and unit scales and routing
@@ -516,6 +557,7 @@ def bench_correctness(model: DiffusionGemma, prompt_len: int) -> dict:
     layer.experts.use_kernel = True
     out["experts_layer_bf16_rel_err"] = rel_err(got, want)
     out["fused_glue_bf16"] = _glue_vs_torch(model)
+    out["commit_attention_bf16"] = _commit_attention_vs_torch(model, prompt_len)
     out["full_model_bf16"] = _fast_vs_pure(model, prompt_len)
     with torch.inference_mode():
         out["vocab_fused_vs_spec_bf16"] = _vocab_fused_vs_spec(model, prompt_len)

@@ -621,3 +621,42 @@ def test_attention_over_the_cache_in_place_matches_sdpa(splits, monkeypatch):
         attention_ops.attend_cache(
             torch.randn(1, 2, 2, 48), k_cache[..., :48], v_cache[..., :48], rows, lo, hi
         )
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 9])
+def test_causal_attention_over_the_cache_matches_the_masked_sdpa(splits, window, monkeypatch):
+    """attend_cache with causal_from (the fused commit's encode queries, here the second half of a
+    longer run of tokens, written into the matching half of `out`): each query sees the keys up to its
+    own position, the last `window` of them if sliding; against SDPA with the spec's causal mask."""
+    import dgemma.ops.attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "choose_tiles", lambda *_: attention_ops.Tiles(16, 16, 1, 4, splits))
+    torch.manual_seed(1)
+    b, c, h, kv, e, positions = 2, 12, 4, 2, 16, 80
+    q_run = torch.randn(b, 2 * c, h, e)
+    k_cache, v_cache = torch.randn(3, kv, positions, e), torch.randn(3, kv, positions, e)
+    rows, starts = torch.tensor([2, 0]), torch.tensor([30, 0])
+    lo = torch.zeros_like(starts) if window is None else (starts - (window - 1)).clamp(min=0)
+    out = torch.full_like(q_run, float("nan"))
+    got = attention_ops.attend_cache(
+        q_run[:, c:], k_cache, v_cache, rows, lo, starts + c, causal_from=starts, window=window,
+        out=out[:, c:],
+    )  # fmt: skip
+    assert got.data_ptr() == out[:, c:].data_ptr() and out[:, :c].isnan().all()
+    for i in range(b):
+        k = k_cache[rows[i]].repeat_interleave(h // kv, dim=0)
+        v = v_cache[rows[i]].repeat_interleave(h // kv, dim=0)
+        q_pos, k_pos = starts[i] + torch.arange(c)[:, None], torch.arange(positions)[None, :]
+        sees = k_pos <= q_pos
+        if window is not None:
+            sees &= k_pos > q_pos - window
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q_run[i, c:].transpose(0, 1), k, v, attn_mask=sees, scale=1.0
+        )
+        torch.testing.assert_close(out[i, c:], want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="laid out as q"):
+        attention_ops.attend_cache(
+            q_run[:, c:], k_cache, v_cache, rows, lo, starts + c, out=out[:, :c].clone()
+        )

@@ -252,9 +252,41 @@ class Attention(nn.Module):
         the next canvas (denoise mode, at starts_B + C). All K/V go to the row's positions from starts_B
         on (the commit's for good, the canvas's into the scratch past the new prefix); the commit sees
         its past causally, the canvas the new prefix (the last `window - 1` positions of it in a
-        sliding layer) and the whole canvas, exactly as the two calls one after the other."""
+        sliding layer) and the whole canvas, exactly as the two calls one after the other. With the
+        kernels (CUDA), as in `denoise_static`: the norms write the K/V straight into the cache, and the
+        attention reads them in place, causally for the commit (`dgemma.ops.attention.attend_cache`)."""
         b, t, _ = x_BTD.shape
         c = t // 2
+        if self.q_norm.use_kernel and kernels_apply(x_BTD) and _in_place(self.spec.head_dim, x_BTD.dtype):
+            from dgemma.ops.attention import attend_cache
+            from dgemma.ops.norm import qkv_norms
+
+            keys, values = cache.keys[layer], cache.values[layer]
+            q = qkv_norms(
+                *self.project_raw(x_BTD, denoise=True, split=c),
+                cos,
+                sin,
+                weights=(self.q_norm.weight, self.k_norm.weight),
+                eps=(self.q_norm.eps, self.k_norm.eps, self.v_norm.eps),
+                keys=keys,
+                values=values,
+                rows_B=rows_B,
+                starts_B=starts_B,
+            )
+            out = torch.empty_like(q)
+            window = self.spec.window
+            for half, prefix_end, causal in (
+                (slice(None, c), starts_B, True),
+                (slice(c, None), starts_B + c, False),
+            ):
+                lo_B = (
+                    torch.zeros_like(starts_B) if window is None else (prefix_end - (window - 1)).clamp(min=0)
+                )
+                attend_cache(
+                    q[:, half], keys, values, rows_B, lo_B, prefix_end + c,
+                    causal_from=starts_B if causal else None, window=window, out=out[:, half],
+                )  # fmt: skip
+            return self.linear("o_proj", out.reshape(b, t, -1), denoise=True, split=c)
         q, k, v = self.project(x_BTD, cos, sin, denoise=True, split=c)
         pos_BT = starts_B[:, None] + torch.arange(t, device=x_BTD.device)
         last = cache.capacity - 1  # only the engine's scratch row, which pads a batch, reaches past it

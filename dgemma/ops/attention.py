@@ -1,5 +1,6 @@
 """The canvas's attention over the cache, read in place (the spec is `Attention.denoise_static`'s
-gather and masked SDPA call in model/attention.py).
+gather and masked SDPA call in model/attention.py), and the fused commit's causal attention of the
+finished canvas over its prefix (`Attention.commit_denoise_static`).
 
 Shape legend: B rows, C canvas tokens, H query heads, K key/value heads, G = H / K query heads per K/V
 head, E head dim, S cache positions a row stores.
@@ -10,7 +11,8 @@ kernel reads K and V where the cache keeps them (no gather, no mask tensor, no p
 query heads that share a K/V head are one block of G * C query rows. The run of keys can be split over
 several programs (`Tiles.splits`), each with its own running max and sum, merged by a second kernel;
 with one split (the shipped tiles: see `choose_tiles`) the first kernel writes the output itself.
-Softmax scale 1.0 (q_norm and k_norm carry the scale), float32 accumulation, the probabilities rounded
+An encode's queries (causal) narrow each program's run to the keys its rows may see and mask the rest
+per query: its past and itself, within the window if sliding. Softmax scale 1.0 (q_norm and k_norm carry the scale), float32 accumulation, the probabilities rounded
 to V's dtype for the second matmul (as flash attention does).
 """
 
@@ -57,10 +59,10 @@ def choose_tiles(head_dim: int, dtype: torch.dtype, blocks: int, folded_rows: in
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, ml_ptr, rows_ptr, lo_ptr, hi_ptr,
-    C, H, G, KV, GC, num_splits, stride_kr, stride_kh, stride_ks,
+    q_ptr, k_ptr, v_ptr, out_ptr, acc_ptr, ml_ptr, rows_ptr, lo_ptr, hi_ptr, qpos_ptr,
+    C, H, G, KV, GC, num_splits, stride_qb, stride_kr, stride_kh, stride_ks, window,
     E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -80,9 +82,15 @@ def _split_kernel(
     t = offs_m % C
     head = kv * G + g
     offs_e = tl.arange(0, E)
-    q_rows = (b * C + t).to(tl.int64) * H + head  # q and out are [B, C, H, E]
-    q = tl.load(q_ptr + q_rows[:, None] * E + offs_e[None, :], mask=m_ok[:, None], other=0.0)
+    # q and out are [B, C, H, E], each row's [C, H, E] contiguous, rows stride_qb apart
+    q_offs = b.to(tl.int64) * stride_qb + (t.to(tl.int64) * H + head) * E
+    q = tl.load(q_ptr + q_offs[:, None] + offs_e[None, :], mask=m_ok[:, None], other=0.0)
     kv_base = row * stride_kr + kv * stride_kh
+    if CAUSAL:  # query t sits at position qpos + t: keys up to it (and past it - window, if any)
+        pos = tl.load(qpos_ptr + b).to(tl.int32) + t
+        end = tl.minimum(end, tl.max(tl.where(m_ok, pos, 0)) + 1)
+        if window > 0:
+            start = tl.maximum(start, tl.min(tl.where(m_ok, pos, 2**30)) - window + 1)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -93,10 +101,20 @@ def _split_kernel(
         kv_offs = kv_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_e[None, :]
         k = tl.load(k_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        if CAUSAL:
+            seen = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+            if window > 0:
+                seen &= offs_n[None, :] > pos[:, None] - window
+            s = tl.where(seen, s, float("-inf"))
+            # a row that has seen no key yet keeps m = -inf: exponents against 0, not -inf - -inf
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -104,7 +122,7 @@ def _split_kernel(
 
     if DIRECT:  # one split: the output itself
         out = acc / l_i[:, None]
-        tl.store(out_ptr + q_rows[:, None] * E + offs_e[None, :], out.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + q_offs[:, None] + offs_e[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None])  # fmt: skip
     else:  # this split's share: [splits, B * K * G * C] running max and sum, [.., E] weighted values
         part = (pid_s * (tl.num_programs(1) * GC) + pid_bk * GC + offs_m).to(tl.int64)
@@ -115,7 +133,7 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    acc_ptr, ml_ptr, out_ptr, C, H, G, KV, GC, num_splits, E: tl.constexpr,
+    acc_ptr, ml_ptr, out_ptr, C, H, G, KV, GC, num_splits, stride_qb, E: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)  # one folded row of one (row, K/V head)
     rows_total = tl.num_programs(0)
@@ -136,8 +154,8 @@ def _merge_kernel(
         den += w * tl.load(ml_ptr + part * 2 + 1)
         num += w * tl.load(acc_ptr + part * E + offs_e)
     head = kv * G + f // C
-    out_row = (b * C + f % C).to(tl.int64) * H + head
-    tl.store(out_ptr + out_row * E + offs_e, (num / den).to(out_ptr.dtype.element_ty))
+    out_offs = b.to(tl.int64) * stride_qb + ((f % C).to(tl.int64) * H + head) * E
+    tl.store(out_ptr + out_offs + offs_e, (num / den).to(out_ptr.dtype.element_ty))
 
 
 def attend_cache(
@@ -148,12 +166,19 @@ def attend_cache(
     lo_B: torch.Tensor,
     hi_B: torch.Tensor,
     *,
+    causal_from: torch.Tensor | None = None,
+    window: int | None = None,
+    out: torch.Tensor | None = None,
     tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T) v for each row's canvas queries q [B, C, H, E] over the keys at cache positions
+    """softmax(q k^T) v for each row's queries q [B, C, H, E] over the keys at cache positions
     lo_B[b] <= p < hi_B[b] of cache row rows_B[b] (k_cache, v_cache [rows, K, S, E]); [B, C, H, E].
-    No host synchronisation: rows and key ranges are device tensors (CUDA-graph safe). `tiles`
-    overrides `choose_tiles` (sweeps)."""
+    With `causal_from` [B] (an encode's queries), query t of row b sits at position causal_from[b] + t
+    and sees only the keys up to it, and with `window` only the last `window` of those. q (and `out`,
+    written in place when given) may be a view whose rows are further apart than C * H * E, each
+    row's [C, H, E] contiguous (one half of a longer run of tokens). No host synchronisation: rows,
+    key ranges and positions are device tensors (CUDA-graph safe). `tiles` overrides `choose_tiles`
+    (sweeps)."""
     b, c, h, e = q_BCHE.shape
     kv = k_cache.shape[1]
     if not supports(e, q_BCHE.dtype) or h % kv:
@@ -161,8 +186,14 @@ def attend_cache(
             f"attend_cache takes power-of-two head dims of at most 1 KB a row and K dividing H, got head "
             f"dim {e} in {q_BCHE.dtype}, H {h}, K {kv}"
         )
-    q = q_BCHE.contiguous()
-    out = torch.empty_like(q)
+    q = q_BCHE if _rows_contiguous(q_BCHE) else q_BCHE.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride() != q.stride() or out.dtype != q.dtype:
+        raise ValueError(
+            f"attend_cache writes `out` laid out as q: {tuple(q.shape)} {q.stride()} {q.dtype}, got "
+            f"{tuple(out.shape)} {out.stride()} {out.dtype}"
+        )
     gc = h // kv * c
     t = tiles or choose_tiles(e, q.dtype, b * kv, gc)
     m_blocks = triton.cdiv(gc, t.block_m)
@@ -171,12 +202,22 @@ def attend_cache(
         acc = torch.empty(t.splits, b * kv * gc, e, device=q.device, dtype=torch.float32)
         ml = torch.empty(t.splits, b * kv * gc, 2, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    causal = causal_from is not None
     _split_kernel[(m_blocks, b * kv, t.splits)](
-        q, k_cache, v_cache, out, acc, ml, rows_B, lo_B, hi_B,
-        c, h, h // kv, kv, gc, t.splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, out, acc, ml, rows_B, lo_B, hi_B, causal_from if causal else lo_B,
+        c, h, h // kv, kv, gc, t.splits, q.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), window or 0,
         E=e, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DIRECT=t.splits == 1, PRECISION=precision,
-        num_warps=t.warps, num_stages=t.stages,
+        CAUSAL=causal, num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
     if t.splits > 1:
-        _merge_kernel[(b * kv * gc,)](acc, ml, out, c, h, h // kv, kv, gc, t.splits, E=e, num_warps=4)
+        _merge_kernel[(b * kv * gc,)](
+            acc, ml, out, c, h, h // kv, kv, gc, t.splits, q.stride(0), E=e, num_warps=4
+        )
     return out
+
+
+def _rows_contiguous(x_BCHE: torch.Tensor) -> bool:
+    """Each row's [C, H, E] contiguous (rows may lie further apart)."""
+    *_, h, e = x_BCHE.shape
+    return x_BCHE.stride()[1:] == (h * e, e, 1)
