@@ -1,8 +1,10 @@
 """A wider tile sweep of the FP8 expert kernels than `dgemma bench --sections moe`, at one canvas (256
 tokens, one release-shaped layer with random weights): block_m 16 and 32, block_n 32-128, block_k
-64-256, 2 or 4 warps, 3-6 stages, both operand orders. Each kernel alone, GPU time between CUDA events.
+64-256, 2 or 4 warps, 3-6 stages, both operand orders (options narrow or widen these). Each kernel
+alone, GPU time between CUDA events.
 
     python bench/fp8_tile_sweep.py --json OUT.json     # the fastest configs per kernel are printed
+    python bench/fp8_tile_sweep.py --warps 4,8 --block-n 64,128 --no-swap --json OUT.json
 
 Needs a CUDA device.
 """
@@ -23,9 +25,9 @@ from dgemma.bench import kernel_ms, release_expert_layer
 from dgemma.ops.moe import MoeConfig, align, down, gate_up
 
 
-def tiles():
+def tiles(block_ns=(32, 64, 128), warps_list=(2, 4), swaps=(False, True)):
     for bn, bk, warps, stages, swap in itertools.product(
-        (32, 64, 128), (64, 128, 256), (2, 4), (3, 4, 5, 6), (False, True)
+        block_ns, (64, 128, 256), warps_list, (3, 4, 5, 6), swaps
     ):
         if bn * bk <= 128 * 256 and not (warps == 2 and bn > 64):
             yield bn, bk, warps, stages, swap
@@ -34,6 +36,9 @@ def tiles():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--block-n", default="32,64,128", help="comma-separated block_n values")
+    parser.add_argument("--warps", default="2,4", help="comma-separated num_warps values")
+    parser.add_argument("--no-swap", action="store_true", help="only the activations as the left operand")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     experts, router = release_expert_layer(fp8=True)
@@ -48,7 +53,11 @@ def main() -> int:
                 x, experts.gate_up_proj, slots, top_k, activation=experts.act_name,
                 config=MoeConfig(block_m=block_m), scale=experts.gate_up_scale,
             )  # fmt: skip
-            for bn, bk, warps, stages, swap in tiles():
+            for bn, bk, warps, stages, swap in tiles(
+                tuple(int(v) for v in args.block_n.split(",")),
+                tuple(int(v) for v in args.warps.split(",")),
+                (False,) if args.no_swap else (False, True),
+            ):
                 runs = {}
                 if bk > 64:  # gate-up: K is the hidden size, short blocks only slow it
                     c = MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,

@@ -6,10 +6,11 @@ packed multiply), on the device.
    e4m3 -> bf16 conversion (`dgemma.bench.fp8_widening_exact`);
 2. one release-shaped expert layer (random weights, FP8) at 256, 512, 1024 and 2048 tokens (1, 2, 4 and
    8 canvases) with the default tiles: each kernel's time both ways, alternated, and whether the
-   outputs are bitwise equal;
-3. with `--sweep`, the one-canvas tiles again with the new widening (it moves the kernels' bottleneck).
+   outputs are bitwise equal.
 
-    python bench/fp8_widen.py --json OUT.json [--sweep]
+`bench/fp8_tile_sweep.py` sweeps the tiles (with the widening the kernels use by default).
+
+    python bench/fp8_widen.py --json OUT.json
 
 Needs a CUDA device.
 """
@@ -35,7 +36,7 @@ from dgemma.bench import (
     record_header,
     release_expert_layer,
 )
-from dgemma.ops.moe import MoeConfig, align, default_config, down, gate_up
+from dgemma.ops.moe import align, default_config, down, gate_up
 
 
 def layer_ab(tokens: list[int], reps: int) -> list[dict]:
@@ -92,58 +93,10 @@ def layer_ab(tokens: list[int], reps: int) -> list[dict]:
     return rows
 
 
-def sweep(tokens: int) -> list[dict]:
-    """The one-canvas tiles with the new widening: block_m 16 and 32, block_n 64 and 128, block_k 128 and
-    256 (gate-up) or 64 and 128 (down), 4 or 8 warps, 3 to 6 stages."""
-    experts, router = release_expert_layer(fp8=True)
-    d, num_experts, top_k = experts.down_proj.shape[1], experts.gate_up_proj.shape[0], router.top_k
-    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    rows = []
-    with torch.inference_mode():
-        weights, index = router(x)
-        for block_m in (16, 32):
-            slots = align(index, num_experts, block_m)
-            h = gate_up(
-                x, experts.gate_up_proj, slots, top_k, activation=experts.act_name,
-                config=MoeConfig(block_m=block_m), scale=experts.gate_up_scale,
-            )  # fmt: skip
-            for bn, warps, stages in itertools.product((64, 128), (4, 8), (3, 4, 5, 6)):
-                for bk in (64, 128, 256):
-                    runs = {}
-                    if bk > 64:
-                        c = MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
-                                      num_stages=stages)  # fmt: skip
-                        runs["gate_up"] = lambda c=c, slots=slots: gate_up(
-                            x, experts.gate_up_proj, slots, top_k, activation=experts.act_name, config=c,
-                            scale=experts.gate_up_scale,
-                        )  # fmt: skip
-                    if bk < 256:
-                        c = MoeConfig(block_m=block_m, down_block_n=bn, down_block_k=bk,
-                                      down_num_warps=warps, down_num_stages=stages)  # fmt: skip
-                        runs["down"] = lambda c=c, slots=slots, h=h: down(
-                            h, experts.down_proj, slots, weights, config=c, scale=experts.down_scale
-                        )
-                    for kernel, fn in runs.items():
-                        try:
-                            ms = kernel_ms(fn)
-                        except Exception:  # a tile config the compiler rejects (shared memory): skip it
-                            continue
-                        tile = {"block_m": block_m, "block_n": bn, "block_k": bk, "num_warps": warps}
-                        rows.append(
-                            {"tokens": tokens, "kernel": kernel, **tile, "num_stages": stages, "ms": ms}
-                        )
-    for kernel in ("gate_up", "down"):
-        print(kernel, "fastest:")
-        for r in sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: r["ms"])[:5]:
-            print("   ", r)
-    return rows
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="256,512,1024,2048")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     record = record_header("FP8 weight widening: Triton's cast against integer ops")
@@ -151,8 +104,6 @@ def main() -> int:
     record["exactness"] = fp8_widening_exact()
     print("exactness:", record["exactness"], flush=True)
     record["layer"] = layer_ab([int(t) for t in args.tokens.split(",")], args.reps)
-    if args.sweep:
-        record["sweep"] = sweep(256)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return 0

@@ -182,6 +182,35 @@ class Attention(nn.Module):
         span = self.spec.window - 1
         return starts_B[:, None] - span + torch.arange(span + num_new, device=device)
 
+    def _in_place(self, x: torch.Tensor) -> bool:
+        """Whether the static paths run the kernels that read and write the cache in place (CUDA
+        inference, a head dim the attention kernel takes)."""
+        return self.q_norm.use_kernel and kernels_apply(x) and _in_place(self.spec.head_dim, x.dtype)
+
+    def _normed_into_cache(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B, starts_B, split=None):
+        """The kernels' projections and norms: returns q, and writes the T tokens' K/V at each row's
+        positions starts_B[b] + t (`dgemma.ops.norm.qkv_norms`); `split` as in `linear`."""
+        from dgemma.ops.norm import qkv_norms
+
+        return qkv_norms(
+            *self.project_raw(x_BTD, denoise=True, split=split),
+            cos,
+            sin,
+            weights=(self.q_norm.weight, self.k_norm.weight),
+            eps=(self.q_norm.eps, self.k_norm.eps, self.v_norm.eps),
+            keys=cache.keys[layer],
+            values=cache.values[layer],
+            rows_B=rows_B,
+            starts_B=starts_B,
+        )
+
+    def _window_start(self, end_B: torch.Tensor) -> torch.Tensor:
+        """The first key position a query just past end_B - 1 sees: end_B - (window - 1) in a sliding
+        layer (not below 0), 0 in a full one."""
+        if self.spec.window is None:
+            return torch.zeros_like(end_B)
+        return (end_B - (self.spec.window - 1)).clamp(min=0)
+
     def denoise_static(self, x_BCD, cos, sin, cache: KVCache, layer: int, rows_B: torch.Tensor,
                        starts_B: torch.Tensor, spans: dict | None = None):  # fmt: skip
         """`denoise` with rows and prefix lengths as device tensors and shapes fixed by the cache alone,
@@ -196,30 +225,14 @@ class Attention(nn.Module):
         each row's run of keys is computed once per forward for the layers of one window and kept in
         `spans` (a dict the caller gives every layer of the forward)."""
         b, c, _ = x_BCD.shape
-        if self.q_norm.use_kernel and kernels_apply(x_BCD) and _in_place(self.spec.head_dim, x_BCD.dtype):
+        if self._in_place(x_BCD):
             from dgemma.ops.attention import attend_cache
-            from dgemma.ops.norm import qkv_norms
 
-            keys, values = cache.keys[layer], cache.values[layer]
-            q = qkv_norms(
-                *self.project_raw(x_BCD, denoise=True),
-                cos,
-                sin,
-                weights=(self.q_norm.weight, self.k_norm.weight),
-                eps=(self.q_norm.eps, self.k_norm.eps, self.v_norm.eps),
-                keys=keys,
-                values=values,
-                rows_B=rows_B,
-                starts_B=starts_B,
-            )
+            q = self._normed_into_cache(x_BCD, cos, sin, cache, layer, rows_B, starts_B)
             spans = {} if spans is None else spans
             if self.spec.window not in spans:  # each row's run of keys: its prefix in the window, the canvas
-                if self.spec.window is None:
-                    lo_B = torch.zeros_like(starts_B)
-                else:
-                    lo_B = (starts_B - (self.spec.window - 1)).clamp(min=0)
-                spans[self.spec.window] = (lo_B, starts_B + c)
-            out = attend_cache(q, keys, values, rows_B, *spans[self.spec.window])
+                spans[self.spec.window] = (self._window_start(starts_B), starts_B + c)
+            out = attend_cache(q, cache.keys[layer], cache.values[layer], rows_B, *spans[self.spec.window])
             return self.linear("o_proj", out.reshape(b, c, -1), denoise=True)
         q, k, v = self.project(x_BCD, cos, sin, denoise=True)
         cache.write(layer, (rows_B[:, None], starts_B[:, None] + torch.arange(c, device=x_BCD.device)), k, v)
@@ -257,34 +270,20 @@ class Attention(nn.Module):
         attention reads them in place, causally for the commit (`dgemma.ops.attention.attend_cache`)."""
         b, t, _ = x_BTD.shape
         c = t // 2
-        if self.q_norm.use_kernel and kernels_apply(x_BTD) and _in_place(self.spec.head_dim, x_BTD.dtype):
+        if self._in_place(x_BTD):
             from dgemma.ops.attention import attend_cache
-            from dgemma.ops.norm import qkv_norms
 
-            keys, values = cache.keys[layer], cache.values[layer]
-            q = qkv_norms(
-                *self.project_raw(x_BTD, denoise=True, split=c),
-                cos,
-                sin,
-                weights=(self.q_norm.weight, self.k_norm.weight),
-                eps=(self.q_norm.eps, self.k_norm.eps, self.v_norm.eps),
-                keys=keys,
-                values=values,
-                rows_B=rows_B,
-                starts_B=starts_B,
-            )
+            q = self._normed_into_cache(x_BTD, cos, sin, cache, layer, rows_B, starts_B, split=c)
             out = torch.empty_like(q)
-            window = self.spec.window
+            # the finished canvas causally over its prefix, then the next canvas over the new prefix
             for half, prefix_end, causal in (
                 (slice(None, c), starts_B, True),
                 (slice(c, None), starts_B + c, False),
             ):
-                lo_B = (
-                    torch.zeros_like(starts_B) if window is None else (prefix_end - (window - 1)).clamp(min=0)
-                )
+                keys, values = cache.keys[layer], cache.values[layer]
                 attend_cache(
-                    q[:, half], keys, values, rows_B, lo_B, prefix_end + c,
-                    causal_from=starts_B if causal else None, window=window, out=out[:, half],
+                    q[:, half], keys, values, rows_B, self._window_start(prefix_end), prefix_end + c,
+                    causal_from=starts_B if causal else None, window=self.spec.window, out=out[:, half],
                 )  # fmt: skip
             return self.linear("o_proj", out.reshape(b, t, -1), denoise=True, split=c)
         q, k, v = self.project(x_BTD, cos, sin, denoise=True, split=c)

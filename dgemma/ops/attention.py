@@ -5,15 +5,16 @@ finished canvas over its prefix (`Attention.commit_denoise_static`).
 Shape legend: B rows, C canvas tokens, H query heads, K key/value heads, G = H / K query heads per K/V
 head, E head dim, S cache positions a row stores.
 
-A row's visible keys are one run of its cache positions, [lo, hi): the prefix the layer shows the
-canvas (a sliding layer its last `window - 1` positions) and the canvas's own K/V just past it. So the
-kernel reads K and V where the cache keeps them (no gather, no mask tensor, no padded keys), and the G
-query heads that share a K/V head are one block of G * C query rows. The run of keys can be split over
-several programs (`Tiles.splits`), each with its own running max and sum, merged by a second kernel;
-with one split (the shipped tiles: see `choose_tiles`) the first kernel writes the output itself.
-An encode's queries (causal) narrow each program's run to the keys its rows may see and mask the rest
-per query: its past and itself, within the window if sliding. Softmax scale 1.0 (q_norm and k_norm carry the scale), float32 accumulation, the probabilities rounded
-to V's dtype for the second matmul (as flash attention does).
+A row's visible keys are one run of its cache positions, [lo, hi): the prefix the layer shows the canvas
+(a sliding layer its last `window - 1` positions) and the canvas's own K/V just past it. So the kernel
+reads K and V where the cache keeps them (no gather, no mask tensor, no padded keys), and the G query
+heads that share a K/V head are one block of G * C query rows. The run of keys can be split over several
+programs (`Tiles.splits`), each with its own running max and sum, merged by a second kernel; with one
+split (the shipped tiles: see `choose_tiles`) the first kernel writes the output itself. An encode's
+queries (causal) narrow each program's run to the keys its rows may see and mask the rest per query: its
+past and itself, within the window if sliding. Softmax scale 1.0 (q_norm and k_norm carry the scale),
+float32 accumulation, the probabilities rounded to V's dtype for the second matmul (as flash attention
+does).
 """
 
 from __future__ import annotations
