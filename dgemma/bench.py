@@ -814,10 +814,13 @@ def build_model(
     config: ModelConfig | None, model_dir: str | None, dtype: torch.dtype, quantization: str | None = None
 ) -> DiffusionGemma:
     if model_dir is not None:
-        return DiffusionGemma.from_pretrained(
+        model = DiffusionGemma.from_pretrained(
             model_dir, device="cuda", dtype=dtype, progress=True, quantization=quantization
         )
-    return DiffusionGemma.random(config, device="cuda", dtype=dtype, seed=0)  # quantized by the caller
+    else:
+        model = DiffusionGemma.random(config, device="cuda", dtype=dtype, seed=0)  # quantized by the caller
+    model.pack_projections()  # as the engine runs it, also in the sections that call the model directly
+    return model
 
 
 def _one_step_logits(model: DiffusionGemma, prompt_len: int) -> torch.Tensor:

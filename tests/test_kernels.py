@@ -216,6 +216,15 @@ def model_and_cache(lengths: list[int]):
     return model, cache
 
 
+def twin_cache(model: DiffusionGemma, cache: KVCache) -> KVCache:
+    """A copy of `cache` (float32, CPU), so that each run starts from the same cached prefixes."""
+    twin = KVCache(model.config.layers, batch_size=cache.batch_size, max_length=cache.max_length,
+                   device="cpu", dtype=torch.float32, scratch=cache.scratch)  # fmt: skip
+    for store, again in zip(cache.keys + cache.values, twin.keys + twin.values):
+        again.copy_(store)
+    return twin
+
+
 def test_static_denoise_matches_the_row_by_row_path():
     lengths = [3, 20, 9]
     model, cache = model_and_cache(lengths)
@@ -577,10 +586,7 @@ def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
     rows, starts = torch.tensor([1, 0]), torch.tensor([20, 3])
 
     def run():
-        twin = KVCache(model.config.layers, batch_size=3, max_length=cache.max_length, device="cpu",
-                       dtype=torch.float32, scratch=cache.scratch)  # fmt: skip
-        for store, again in zip(cache.keys + cache.values, twin.keys + twin.values):
-            again.copy_(store)
+        twin = twin_cache(model, cache)
         with torch.inference_mode():
             soft = torch.randn(2, c, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
             return (
@@ -660,3 +666,56 @@ def test_causal_attention_over_the_cache_matches_the_masked_sdpa(splits, window,
         attention_ops.attend_cache(
             q_run[:, c:], k_cache, v_cache, rows, lo, starts + c, out=out[:, :c].clone()
         )
+
+
+@needs_interpreter
+def test_packed_projections_equal_the_separate_ones(monkeypatch):
+    """q|k|v and gate|up as one GEMM each (`PackedLinears`, what the engine sets up on CUDA), forced on
+    the CPU with every kernel: the static denoise, the fused commit and a prompt's encode equal the
+    unpacked model's, the kernels reading the projections as views of one output (strided rows). The
+    parameters become views of the block with their values unchanged; a weight re-pointed since, or
+    hooked, falls back to the separate GEMMs."""
+    import dgemma.model.attention as attention_module
+    import dgemma.model.diffusion_gemma as model_module
+    import dgemma.model.layers as layers_module
+    from dgemma.model.layers import GatedMLP
+
+    for module in (attention_module, model_module, layers_module):
+        monkeypatch.setattr(module, "kernels_apply", lambda x: True)
+    model, cache = model_and_cache([3, 20])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    c = model.config.canvas_length
+    gen = torch.Generator().manual_seed(7)
+    commit, canvas = (torch.randint(0, 300, (2, c), generator=gen) for _ in range(2))
+    prompt = torch.randint(3, 300, (1, 11), generator=gen)
+    rows, starts = torch.tensor([1, 0]), torch.tensor([20, 3])
+    soft = torch.randn(2, c, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.1
+
+    def run():
+        twin = twin_cache(model, cache)
+        with torch.inference_mode():
+            outs = [
+                model.denoise_static(canvas, soft, twin, rows, starts),
+                model.commit_denoise_static(commit, canvas, twin, rows, starts),
+            ]
+            model.encode(prompt, twin, rows=[2])
+        return [*outs, twin.keys[0][2, :, :11].clone(), twin.values[-1][2, :, :11].clone()]
+
+    plain = run()
+    packable = [m for m in model.modules() if isinstance(m, (attention_module.Attention, GatedMLP))]
+    for m in packable:
+        m.pack()
+    attn = model.layers[0].self_attn
+    assert attn.packed.weight() is not None and attn.k_proj.weight.data_ptr() > attn.q_proj.weight.data_ptr()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for got, want in zip(run(), plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a weight re-pointed since: that module falls back (its block dropped), the results stay the same
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
+    model.layers[0].mlp.up_proj.register_forward_hook(lambda *_: None)  # as a LoRA adapter hooks it
+    for got, want in zip(run(), plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert attn.packed.block is None and model.layers[0].mlp.packed.weight() is None
+    assert model.layers[0].mlp.packed.block is not None
+    model.double()  # new storage for every weight: no block is kept alive beside them
+    assert all(m.packed is None for m in packable)

@@ -101,6 +101,7 @@ class DenoiseRunner:
         if self.static and cache.batch_size < 2:
             raise ValueError("the static forwards need a scratch row in the cache beside the request rows")
         self.scratch_row = cache.batch_size - 1
+        model.pack_projections()  # one GEMM for q|k|v and one for gate|up (CUDA)
         self.buckets = buckets_for(max(1, cache.batch_size - 1))
         self._captured: dict[tuple[str, int], _Graph] = {}
         self._pool = None

@@ -19,7 +19,7 @@ from torch import nn
 
 from dgemma.cache.kv_cache import KVCache
 from dgemma.model.config import LayerSpec
-from dgemma.model.layers import RMSNorm, apply_rope, kernels_apply
+from dgemma.model.layers import PackedLinears, RMSNorm, apply_rope, kernels_apply
 
 
 class Attention(nn.Module):
@@ -44,6 +44,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(e, eps)
         self.k_norm = RMSNorm(e, eps)
         self.v_norm = RMSNorm(e, eps, with_scale=False)
+        self.packed: PackedLinears | None = None  # q|k|v as one GEMM (`pack`)
+
+    def pack(self) -> None:
+        """q, k and v (a full layer: q and k) as one weight block (`PackedLinears`), for the kernels'
+        inference; a model with biases keeps three GEMMs."""
+        if self.encoder_bias is None:
+            self.packed = PackedLinears([m for m in (self.q_proj, self.k_proj, self.v_proj) if m is not None])
 
     def linear(self, name: str, x: torch.Tensor, *, denoise: bool, split: int | None = None) -> torch.Tensor:
         """The projection `name` in one mode, or with `split`: tokens before it in encode mode, the rest
@@ -66,13 +73,20 @@ class Attention(nn.Module):
 
     def project_raw(self, x_BTD: torch.Tensor, *, denoise: bool, split: int | None = None):
         """The projections before their norms: q [B, T, H, E], k and v [B, T, K, E]; `split` as in
-        `linear`."""
+        `linear`. Packed (kernels' inference), they are views of one GEMM's output: each token's q, k
+        and v one after the other."""
         b, t, _ = x_BTD.shape
         e, kv = self.spec.head_dim, self.spec.num_kv_heads
+        packed = None
+        if self.packed is not None and self.q_norm.use_kernel and kernels_apply(x_BTD):
+            packed = self.packed(x_BTD)  # views into one GEMM's output (rows N = q + k + v wide)
+        if packed is not None:
+            q_raw, k_raw, *v = (z.view(b, t, -1, e) for z in packed)
+            # full layers have no v_proj: V is the raw k_proj output (before k_norm and RoPE)
+            return q_raw, k_raw, v[0] if v else k_raw
         mode = {"denoise": denoise, "split": split}
         q_raw = self.linear("q_proj", x_BTD, **mode).view(b, t, -1, e)
         k_raw = self.linear("k_proj", x_BTD, **mode).view(b, t, kv, e)
-        # full layers have no v_proj: V is the raw k_proj output (before k_norm and RoPE)
         v_raw = self.linear("v_proj", x_BTD, **mode).view(b, t, kv, e) if self.v_proj is not None else k_raw
         return q_raw, k_raw, v_raw
 

@@ -181,6 +181,26 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.checkpoint_feed_forward = bool(on)
 
+    def pack_projections(self) -> None:
+        """q|k|v and gate|up as one weight block each (`PackedLinears`): one GEMM instead of two or
+        three in the kernels' inference on CUDA (the engine calls this; the values do not change).
+        Modules already packed are left as they are."""
+        if self.device.type != "cuda":
+            return
+        for module in self.modules():
+            if isinstance(module, (Attention, GatedMLP)) and (
+                module.packed is None or module.packed.block is None
+            ):
+                module.pack()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cpu(), .half() ... give the parameters new storage: drop the packed blocks first, so
+        # that the old ones are freed with the old weights (the engine packs the new weights again)
+        for module in self.modules():
+            if isinstance(module, (Attention, GatedMLP)):
+                module.packed = None
+        return super()._apply(fn, recurse)
+
     @property
     def use_kernels(self) -> bool:
         """Whether inference on CUDA runs the Triton kernels (experts, norms; the default) or the

@@ -7,6 +7,8 @@ executable spec and runs on CPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class PackedLinears:
+    """Bias-free projections of one input (q|k|v, gate|up) as row blocks of one weight, so inference
+    runs one GEMM instead of several (at one canvas each small GEMM reads its weights well below the
+    memory's rate). The modules' weights become views of the block: loading, training and adapters
+    still see their own parameters, and the values are unchanged. A weight re-pointed since (`.to()`,
+    a new Parameter) or hooked (LoRA) makes `weight()` None, and the caller falls back to the separate
+    GEMMs (the block is then dropped)."""
+
+    def __init__(self, modules: Sequence[nn.Linear]):
+        self.modules = list(modules)
+        self.sizes = [m.weight.shape[0] for m in self.modules]
+        self.block: torch.Tensor | None = torch.cat([m.weight.detach() for m in self.modules])
+        start = 0
+        for m, n in zip(self.modules, self.sizes):
+            m.weight.data = self.block[start : start + n]
+            start += n
+
+    def weight(self) -> torch.Tensor | None:
+        """The block, while every module's weight is still its view and none is hooked."""
+        if self.block is None:
+            return None
+        at, row = self.block.data_ptr(), self.block.shape[1] * self.block.element_size()
+        for m, n in zip(self.modules, self.sizes):
+            if m._forward_hooks or m.weight.data_ptr() != at or m.weight.dtype != self.block.dtype:
+                if not m._forward_hooks:
+                    self.block = None  # re-pointed for good: free the old storage
+                return None
+            at += n * row
+        return self.block
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each module's output, from one GEMM (views into its output), or None (see `weight`)."""
+        weight = self.weight()
+        return None if weight is None else list(F.linear(x, weight).split(self.sizes, dim=-1))
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the dense branch of every layer and the self-conditioning block."""
 
@@ -88,10 +126,17 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self.act_name = act
         self.use_kernel = True  # on CUDA, inference takes act(gate) * up in one kernel (dgemma.ops.norm)
+        self.packed: PackedLinears | None = None  # gate|up as one GEMM (`pack`)
+
+    def pack(self) -> None:
+        """gate and up as one weight block (`PackedLinears`), for the kernels' inference."""
+        self.packed = PackedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.use_kernel and self.act_name in ("gelu_pytorch_tanh", "silu") and kernels_apply(x):
+        fused = self.use_kernel and self.act_name in ("gelu_pytorch_tanh", "silu") and kernels_apply(x)
+        both = self.packed(x) if fused and self.packed is not None else None
+        gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
+        if fused:
             from dgemma.ops.norm import gated
 
             return self.down_proj(gated(gate, up, self.act_name))

@@ -180,17 +180,17 @@ def ff_combine(
 
 @triton.jit
 def _normed_rotated(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, row, token, E, eps, dtype: tl.constexpr, BLOCK: tl.constexpr
-):
-    """Row `row` of x [.., E] normed, times w, rotated by the tables' row `token` (rotate_half's pairs
-    (i, i + E/2)), each step rounded to `dtype` where the torch composition rounds; float32, masked
-    lanes 0."""
+    x_ptr, x_row, w_ptr, cos_ptr, sin_ptr, token, E, eps, dtype: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """The row of E values at offset x_row of x normed, times w, rotated by the tables' row `token`
+    (rotate_half's pairs (i, i + E/2)), each step rounded to `dtype` where the torch composition
+    rounds; float32, masked lanes 0."""
     half = E // 2
     offs = tl.arange(0, BLOCK)
     mask = offs < E
     partner = tl.where(offs < half, offs + half, offs - half)
-    x = tl.load(x_ptr + row * E + offs, mask=mask, other=0.0).to(tl.float32)
-    x_p = tl.load(x_ptr + row * E + partner, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    x_p = tl.load(x_ptr + x_row + partner, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
     y = (x * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
     y_p = (x_p * inv * tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)).to(dtype)
@@ -200,13 +200,26 @@ def _normed_rotated(
     return (y * cos).to(dtype).to(tl.float32) + (y_p * sin).to(dtype).to(tl.float32)
 
 
+def _token_rows(x_BTHE: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x laid out as the kernels read it, and its token stride: each (token, head) row of E values
+    contiguous, heads E apart, tokens evenly apart over the batch (a view of one projection's output
+    among others, as `PackedLinears` gives, qualifies as it is; anything else is copied)."""
+    b, t, _, e = x_BTHE.shape
+    sb, st, sh, se = x_BTHE.stride()
+    if se == 1 and sh == e and (b == 1 or sb == t * st):
+        return x_BTHE, st
+    x_BTHE = x_BTHE.contiguous()
+    return x_BTHE, x_BTHE.stride(1)
+
+
 @triton.jit
 def _norm_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, eps, BLOCK: tl.constexpr,
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, stride_t, eps, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # one (token, head) row of E values
     dtype = out_ptr.dtype.element_ty
-    out = _normed_rotated(x_ptr, w_ptr, cos_ptr, sin_ptr, row, row // H, E, eps, dtype, BLOCK)
+    x_row = row // H * stride_t + row % H * E
+    out = _normed_rotated(x_ptr, x_row, w_ptr, cos_ptr, sin_ptr, row // H, E, eps, dtype, BLOCK)
     offs = tl.arange(0, BLOCK)
     tl.store(out_ptr + row * E + offs, out.to(dtype), mask=offs < E)
 
@@ -214,10 +227,10 @@ def _norm_rope_kernel(
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
     """apply_rope(norm(x) * weight, cos, sin) for x [B, T, H, E] and tables cos, sin [B, T, E]."""
     b, t, h, e = x.shape
-    x2 = x.contiguous()
-    out = torch.empty_like(x2)
+    x2, stride_t = _token_rows(x)
+    out = torch.empty(b, t, h, e, dtype=x.dtype, device=x.device)
     _norm_rope_kernel[(b * t * h,)](
-        x2, weight, cos.contiguous(), sin.contiguous(), out, e, h, eps,
+        x2, weight, cos.contiguous(), sin.contiguous(), out, e, h, stride_t, eps,
         BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
     )  # fmt: skip
     return out
@@ -226,8 +239,8 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 @triton.jit
 def _qkv_norms_kernel(
     q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr,
-    rows_ptr, starts_ptr, T, H, K, E, stride_r, stride_h, stride_s, q_eps, k_eps, v_eps,
-    BLOCK: tl.constexpr,
+    rows_ptr, starts_ptr, T, H, K, E, q_stride_t, k_stride_t, v_stride_t, stride_r, stride_h, stride_s,
+    q_eps, k_eps, v_eps, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     q_rows = tl.num_programs(0) // (H + K) * H  # B * T * H query rows first, then B * T * K K/V rows
@@ -235,20 +248,23 @@ def _qkv_norms_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < E
     if pid < q_rows:  # one (token, query head) row, as _norm_rope_kernel
-        q = _normed_rotated(q_ptr, q_w_ptr, cos_ptr, sin_ptr, pid, pid // H, E, q_eps, dtype, BLOCK)
+        q_row = pid // H * q_stride_t + pid % H * E
+        q = _normed_rotated(q_ptr, q_row, q_w_ptr, cos_ptr, sin_ptr, pid // H, E, q_eps, dtype, BLOCK)
         tl.store(q_out_ptr + pid * E + offs, q.to(dtype), mask=mask)
     else:  # one (token, K/V head) row, written at its row's cache position
         src = pid - q_rows
         token = src // K  # b * T + t
+        head = src % K
         b = token // T
         dst = (
             tl.load(rows_ptr + b).to(tl.int64) * stride_r
-            + (src % K) * stride_h
+            + head * stride_h
             + (tl.load(starts_ptr + b).to(tl.int64) + token % T) * stride_s
         )
-        k = _normed_rotated(k_ptr, k_w_ptr, cos_ptr, sin_ptr, src, token, E, k_eps, dtype, BLOCK)
+        k_row = token * k_stride_t + head * E
+        k = _normed_rotated(k_ptr, k_row, k_w_ptr, cos_ptr, sin_ptr, token, E, k_eps, dtype, BLOCK)
         tl.store(keys_ptr + dst + offs, k.to(dtype).to(keys_ptr.dtype.element_ty), mask=mask)
-        v = tl.load(v_ptr + src * E + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + token * v_stride_t + head * E + offs, mask=mask, other=0.0).to(tl.float32)
         v = _normed(v, E, v_eps).to(dtype)
         tl.store(values_ptr + dst + offs, v.to(values_ptr.dtype.element_ty), mask=mask)
 
@@ -268,13 +284,13 @@ def qkv_norms(
     starts_B: torch.Tensor,
 ) -> torch.Tensor:
     """The attention's norms in one kernel, with the new keys and values written straight into the
-    cache. For q_raw [B, T, H, E], k_raw and v_raw [B, T, K, E] (v_raw may be k_raw itself), tables
-    cos, sin [B, T, E], the query and key norms' `weights` and the three norms' `eps` (query, key,
-    value): returns apply_rope(norm(q_raw) * wq, cos, sin) and sets, at each row's positions
-    starts_B[b] + t of cache row rows_B[b] in the layer's storage keys, values [rows, K, S, E],
-    apply_rope(norm(k_raw) * wk, cos, sin) and norm(v_raw) (the value norm has no scale). Replaces two
-    norm-and-rotate kernels, a norm and two indexed writes; rows and starts are device tensors
-    (CUDA-graph safe)."""
+    cache. For q_raw [B, T, H, E], k_raw and v_raw [B, T, K, E] (v_raw may be k_raw itself; all may be
+    views of one projection's output, `PackedLinears`), tables cos, sin [B, T, E], the query and key
+    norms' `weights` and the three norms' `eps` (query, key, value): returns apply_rope(norm(q_raw) *
+    wq, cos, sin) [B, T, H, E] and sets, at each row's positions starts_B[b] + t of cache row
+    rows_B[b] in the layer's storage keys, values [rows, K, S, E], apply_rope(norm(k_raw) * wk, cos,
+    sin) and norm(v_raw) (the value norm has no scale). Replaces two norm-and-rotate kernels, a norm
+    and two indexed writes; rows and starts are device tensors (CUDA-graph safe)."""
     b, t, h, e = q_raw.shape
     kv = k_raw.shape[2]
     if (
@@ -287,34 +303,51 @@ def qkv_norms(
             f"qkv_norms takes K/V storage [rows, {kv}, S, {e}] with the same strides, got "
             f"{tuple(keys.shape)} and {tuple(values.shape)}"
         )
-    q_raw = q_raw.contiguous()
-    q = torch.empty_like(q_raw)
+    (q_raw, q_st), (k_raw, k_st), (v_raw, v_st) = (_token_rows(z) for z in (q_raw, k_raw, v_raw))
+    q = torch.empty(b, t, h, e, dtype=q_raw.dtype, device=q_raw.device)
     _qkv_norms_kernel[(b * t * (h + kv),)](
-        q_raw, k_raw.contiguous(), v_raw.contiguous(), *weights, cos.contiguous(), sin.contiguous(), q, keys,
-        values, rows_B, starts_B, t, h, kv, e, keys.stride(0), keys.stride(1), keys.stride(2), *eps,
+        q_raw, k_raw, v_raw, *weights, cos.contiguous(), sin.contiguous(), q, keys, values, rows_B,
+        starts_B, t, h, kv, e, q_st, k_st, v_st, keys.stride(0), keys.stride(1), keys.stride(2), *eps,
         BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
     )  # fmt: skip
     return q
 
 
 @triton.jit
-def _gated_kernel(gate_ptr, up_ptr, out_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_kernel(
+    gate_ptr, up_ptr, out_ptr, n, I, stride_g, stride_u, ACT: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    row, col = offs // I, offs % I  # gate and up rows may lie further apart than I (one GEMM's halves)
     dtype = out_ptr.dtype.element_ty
-    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + row * stride_g + col, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_u + col, mask=mask, other=0.0).to(tl.float32)
     act = activate(gate, ACT).to(dtype).to(tl.float32)  # torch rounds the activation, then the product
     tl.store(out_ptr + offs, (act * up).to(dtype), mask=mask)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up in one pass (the dense MLP's glue: two elementwise kernels in torch), for
-    activation "gelu_pytorch_tanh" or "silu", each rounded to the inputs' dtype as torch rounds it."""
+    activation "gelu_pytorch_tanh" or "silu", each rounded to the inputs' dtype as torch rounds it.
+    gate and up may be views with rows further apart than their width (`PackedLinears`)."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gated takes gate and up of one shape and dtype, got {gate.shape} and {up.shape}")
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    width = gate.shape[-1]
+    gate_rows, up_rows = _as_rows(gate, width), _as_rows(up, width)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.numel()
-    _gated_kernel[(triton.cdiv(n, GATED_BLOCK),)](gate, up, out, n, ACT=activation, BLOCK=GATED_BLOCK)
+    _gated_kernel[(triton.cdiv(n, GATED_BLOCK),)](
+        gate_rows, up_rows, out, n, width, gate_rows.stride(0), up_rows.stride(0), ACT=activation,
+        BLOCK=GATED_BLOCK,
+    )  # fmt: skip
     return out
+
+
+def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x as [rows, width] rows of contiguous values, evenly apart: a view where one exists, else a copy."""
+    try:
+        rows = x.view(-1, width)
+    except RuntimeError:  # leading dims that do not merge
+        rows = None
+    return rows if rows is not None and rows.stride(1) == 1 else x.contiguous().view(-1, width)
