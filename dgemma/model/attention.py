@@ -134,10 +134,23 @@ class Attention(nn.Module):
     # Without it (training), one padded, masked call serves the whole batch.
 
     def encode(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows: Sequence[int], starts: list[int],
-               *, invariant: bool = True, write_index=None):  # fmt: skip
-        """Causal attention of T new tokens per row; `starts` holds each row's prefix length."""
-        q, k, v = self.project(x_BTD, cos, sin, denoise=False)
+               *, invariant: bool = True, write_index=None, rows_B=None, starts_B=None):  # fmt: skip
+        """Causal attention of T new tokens per row; `starts` holds each row's prefix length. With the
+        kernels (CUDA inference; rows_B and starts_B: rows and starts as device tensors), as the fused
+        commit's first half: the norms write the K/V into the cache, and one causal attention call
+        reads them in place, each row over its own keys (so it stays batch-invariant)."""
         b, t, _ = x_BTD.shape
+        if rows_B is not None and self._in_place(x_BTD):
+            from dgemma.ops.attention import attend_cache
+
+            q = self._normed_into_cache(x_BTD, cos, sin, cache, layer, rows_B, starts_B)
+            keys, values = cache.keys[layer], cache.values[layer]
+            out = attend_cache(
+                q, keys, values, rows_B, self._window_start(starts_B), starts_B + t, causal_from=starts_B,
+                window=self.spec.window,
+            )  # fmt: skip
+            return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
+        q, k, v = self.project(x_BTD, cos, sin, denoise=False)
         cache.write(layer, write_index or cache.write_index(rows, t), k, v)
         if not invariant:
             length = max(starts) + t

@@ -337,9 +337,11 @@ class DiffusionGemma(nn.Module):
         return rope_cos_sin(self._inv_freq[key], positions, dtype)
 
     def _run_layers(self, x, cache: KVCache, rows: list[int], starts: list[int], *, denoise: bool):
-        positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
+        starts_B = torch.tensor(starts, device=x.device)
+        positions = starts_B[:, None] + torch.arange(x.shape[1], device=x.device)
         invariant = self.batch_invariant
         index = None if denoise else cache.write_index(rows, x.shape[1])
+        rows_B = torch.tensor(rows, device=x.device) if not denoise and kernels_apply(x) else None
 
         def attention(i, layer, cos, sin):
             if denoise:
@@ -347,8 +349,9 @@ class DiffusionGemma(nn.Module):
                     h, cos, sin, cache, i, rows, starts, invariant=invariant
                 )
             return lambda h: layer.self_attn.encode(
-                h, cos, sin, cache, i, rows, starts, invariant=invariant, write_index=index
-            )
+                h, cos, sin, cache, i, rows, starts, invariant=invariant, write_index=index, rows_B=rows_B,
+                starts_B=starts_B,
+            )  # fmt: skip
 
         return self._layers(x, positions, attention, denoise=denoise, invariant=invariant)
 
