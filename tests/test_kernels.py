@@ -726,3 +726,32 @@ def test_packed_projections_equal_the_separate_ones(monkeypatch):
     assert model.layers[0].mlp.packed.block is not None
     model.double()  # new storage for every weight: no block is kept alive beside them
     assert all(m.packed is None for m in packable)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a compiled kernel's regression: CUDA only")
+@pytest.mark.parametrize("window", [1024, None])
+def test_causal_attention_on_cuda_matches_the_masked_sdpa(window):
+    """The causal attention compiled for the GPU, float32 head dim 256 with the 32 x 64, 8-warp tiles:
+    a branch on the window inside the key loop was miscompiled there (H100, Triton 3.6: NaN and wrong
+    rows), so the kernel masks without one. Against SDPA with the spec's mask; run on the device."""
+    import dgemma.ops.attention as attention_ops
+
+    torch.manual_seed(0)
+    t, h, kv, e, positions = 512, 16, 8, 256, 800
+    q = torch.randn(1, t, h, e, device="cuda")
+    k_cache, v_cache = (
+        torch.randn(2, kv, positions, e, device="cuda"),
+        torch.randn(2, kv, positions, e, device="cuda"),
+    )
+    rows, starts = torch.tensor([0], device="cuda"), torch.tensor([0], device="cuda")
+    got = attention_ops.attend_cache(
+        q, k_cache, v_cache, rows, torch.zeros_like(starts), starts + t, causal_from=starts, window=window,
+        tiles=attention_ops.Tiles(32, 64, 2, 8, 1),
+    )  # fmt: skip
+    q_pos, k_pos = torch.arange(t, device="cuda")[:, None], torch.arange(positions, device="cuda")[None, :]
+    sees = (k_pos <= q_pos) & (k_pos > q_pos - (window or positions))
+    k, v = (store[0].repeat_interleave(h // kv, dim=0) for store in (k_cache, v_cache))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[0].transpose(0, 1), k, v, attn_mask=sees, scale=1.0
+    )
+    torch.testing.assert_close(got[0], want.transpose(0, 1), rtol=1e-4, atol=1e-4)

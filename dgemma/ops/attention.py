@@ -87,11 +87,10 @@ def _split_kernel(
     q_offs = b.to(tl.int64) * stride_qb + (t.to(tl.int64) * H + head) * E
     q = tl.load(q_ptr + q_offs[:, None] + offs_e[None, :], mask=m_ok[:, None], other=0.0)
     kv_base = row * stride_kr + kv * stride_kh
-    if CAUSAL:  # query t sits at position qpos + t: keys up to it (and past it - window, if any)
+    if CAUSAL:  # query t sits at position qpos + t: keys up to it and past it - window
         pos = tl.load(qpos_ptr + b).to(tl.int32) + t
         end = tl.minimum(end, tl.max(tl.where(m_ok, pos, 0)) + 1)
-        if window > 0:
-            start = tl.maximum(start, tl.min(tl.where(m_ok, pos, 2**30)) - window + 1)
+        start = tl.maximum(start, tl.min(tl.where(m_ok, pos, 2**30)) - window + 1)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -102,10 +101,10 @@ def _split_kernel(
         kv_offs = kv_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_e[None, :]
         k = tl.load(k_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if CAUSAL:
-            seen = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
-            if window > 0:
-                seen &= offs_n[None, :] > pos[:, None] - window
+        if CAUSAL:  # (no branch on the window here: one was miscompiled with some tiles, H100, Triton 3.6)
+            seen = (
+                n_ok[None, :] & (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
+            )
             s = tl.where(seen, s, float("-inf"))
             # a row that has seen no key yet keeps m = -inf: exponents against 0, not -inf - -inf
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -207,7 +206,7 @@ def attend_cache(
     _split_kernel[(m_blocks, b * kv, t.splits)](
         q, k_cache, v_cache, out, acc, ml, rows_B, lo_B, hi_B, causal_from if causal else lo_B,
         c, h, h // kv, kv, gc, t.splits, q.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), window or 0,
+        k_cache.stride(2), window or 2**30,  # no window: one wider than any cache
         E=e, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DIRECT=t.splits == 1, PRECISION=precision,
         CAUSAL=causal, num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
