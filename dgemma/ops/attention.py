@@ -1,6 +1,7 @@
 """The canvas's attention over the cache, read in place (the spec is `Attention.denoise_static`'s
-gather and masked SDPA call in model/attention.py), and the fused commit's causal attention of the
-finished canvas over its prefix (`Attention.commit_denoise_static`).
+gather and masked SDPA call in model/attention.py), and the causal attention of an encode over its
+prefix: the finished canvas in the fused commit (`Attention.commit_denoise_static`), a prompt
+(`Attention.encode`).
 
 Shape legend: B rows, C canvas tokens, H query heads, K key/value heads, G = H / K query heads per K/V
 head, E head dim, S cache positions a row stores.
