@@ -403,6 +403,12 @@ def _vocab_graph_vs_fused(model: DiffusionGemma, prompt_len: int, canvases: int 
     }
 
 
+def _random_rope_tables(tokens: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator):
+    """cos, sin [1, tokens, head_dim] of random angles (rotate_half's layout), for the kernels' checks."""
+    angles = torch.rand(1, tokens, head_dim // 2, device="cuda", generator=gen) * 100
+    return (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+
+
 def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
     """A layer's fused glue kernels (dgemma.ops.norm) vs the torch ops they replace, in the model's
     dtype on real-size rows: the share of output elements that are bitwise equal, and the largest
@@ -417,8 +423,7 @@ def _glue_vs_torch(model: DiffusionGemma, tokens: int = 256) -> dict:
     )
     e = model.config.layers[0].head_dim
     q = torch.randn(1, tokens, model.config.num_heads, e, device="cuda", generator=gen).to(model.dtype)
-    angles = torch.rand(1, tokens, e // 2, device="cuda", generator=gen) * 100
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(model.dtype) for f in (torch.cos, torch.sin))
+    cos, sin = _random_rope_tables(tokens, e, model.dtype, gen)
     gate, up = (
         torch.randn(1, tokens, model.config.intermediate_size, device="cuda", generator=gen).to(model.dtype)
         for _ in range(2)
@@ -485,8 +490,7 @@ def _commit_attention_vs_torch(model: DiffusionGemma, prompt_len: int) -> dict:
         for store in (cache.keys[i], cache.values[i]):
             store.copy_(torch.randn(store.shape, device="cuda", generator=gen))
         x = torch.randn(1, 2 * c, d, device="cuda", generator=gen).to(model.dtype)
-        angles = torch.rand(1, 2 * c, e // 2, device="cuda", generator=gen) * 100
-        cos, sin = (torch.cat([f(angles)] * 2, -1).to(model.dtype) for f in (torch.cos, torch.sin))
+        cos, sin = _random_rope_tables(2 * c, e, model.dtype, gen)
         rows, starts = torch.tensor([0], device="cuda"), torch.tensor([prompt_len], device="cuda")
         saved = [cache.keys[i].clone(), cache.values[i].clone()]
         results = []

@@ -636,6 +636,22 @@ def test_attention_over_the_cache_in_place_matches_sdpa(splits, monkeypatch):
         )
 
 
+def causal_sdpa(q_CHE, k_KSE, v_KSE, start: int, window: int | None) -> torch.Tensor:
+    """The spec's causal attention of queries at positions start + t over one cache row's keys (the
+    last `window` of them if sliding), through SDPA with its mask: [C, H, E]."""
+    c, h, _ = q_CHE.shape
+    q_pos = start + torch.arange(c, device=q_CHE.device)[:, None]
+    k_pos = torch.arange(k_KSE.shape[1], device=q_CHE.device)[None, :]
+    sees = k_pos <= q_pos
+    if window is not None:
+        sees &= k_pos > q_pos - window
+    k, v = (z.repeat_interleave(h // z.shape[0], dim=0) for z in (k_KSE, v_KSE))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_CHE.transpose(0, 1), k, v, attn_mask=sees, scale=1.0
+    )
+    return out.transpose(0, 1)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("window", [None, 9])
@@ -659,16 +675,8 @@ def test_causal_attention_over_the_cache_matches_the_masked_sdpa(splits, window,
     )  # fmt: skip
     assert got.data_ptr() == out[:, c:].data_ptr() and out[:, :c].isnan().all()
     for i in range(b):
-        k = k_cache[rows[i]].repeat_interleave(h // kv, dim=0)
-        v = v_cache[rows[i]].repeat_interleave(h // kv, dim=0)
-        q_pos, k_pos = starts[i] + torch.arange(c)[:, None], torch.arange(positions)[None, :]
-        sees = k_pos <= q_pos
-        if window is not None:
-            sees &= k_pos > q_pos - window
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q_run[i, c:].transpose(0, 1), k, v, attn_mask=sees, scale=1.0
-        )
-        torch.testing.assert_close(out[i, c:], want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+        want = causal_sdpa(q_run[i, c:], k_cache[rows[i]], v_cache[rows[i]], int(starts[i]), window)
+        torch.testing.assert_close(out[i, c:], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="laid out as q"):
         attention_ops.attend_cache(
             q_run[:, c:], k_cache, v_cache, rows, lo, starts + c, out=out[:, :c].clone()
@@ -748,10 +756,5 @@ def test_causal_attention_on_cuda_matches_the_masked_sdpa(window):
         q, k_cache, v_cache, rows, torch.zeros_like(starts), starts + t, causal_from=starts, window=window,
         tiles=attention_ops.Tiles(32, 64, 2, 8, 1),
     )  # fmt: skip
-    q_pos, k_pos = torch.arange(t, device="cuda")[:, None], torch.arange(positions, device="cuda")[None, :]
-    sees = (k_pos <= q_pos) & (k_pos > q_pos - (window or positions))
-    k, v = (store[0].repeat_interleave(h // kv, dim=0) for store in (k_cache, v_cache))
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q[0].transpose(0, 1), k, v, attn_mask=sees, scale=1.0
-    )
-    torch.testing.assert_close(got[0], want.transpose(0, 1), rtol=1e-4, atol=1e-4)
+    want = causal_sdpa(q[0], k_cache[0], v_cache[0], 0, window)
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)

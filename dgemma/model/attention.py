@@ -302,12 +302,12 @@ class Attention(nn.Module):
 
             q = self._normed_into_cache(x_BTD, cos, sin, cache, layer, rows_B, starts_B, split=c)
             out = torch.empty_like(q)
+            keys, values = cache.keys[layer], cache.values[layer]
             # the finished canvas causally over its prefix, then the next canvas over the new prefix
             for half, prefix_end, causal in (
                 (slice(None, c), starts_B, True),
                 (slice(c, None), starts_B + c, False),
             ):
-                keys, values = cache.keys[layer], cache.values[layer]
                 attend_cache(
                     q[:, half], keys, values, rows_B, self._window_start(prefix_end), prefix_end + c,
                     causal_from=starts_B if causal else None, window=self.spec.window, out=out[:, half],

@@ -341,7 +341,8 @@ class DiffusionGemma(nn.Module):
         positions = starts_B[:, None] + torch.arange(x.shape[1], device=x.device)
         invariant = self.batch_invariant
         index = None if denoise else cache.write_index(rows, x.shape[1])
-        rows_B = torch.tensor(rows, device=x.device) if not denoise and kernels_apply(x) else None
+        # the kernels' encode takes the rows as a device tensor: the write index's rows [B, 1], flattened
+        rows_B = index[0].flatten() if index is not None and kernels_apply(x) else None
 
         def attention(i, layer, cos, sin):
             if denoise:

@@ -27,6 +27,10 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")  # config.py validates first
 
 
+# the activations the kernels compute (dgemma.ops.moe.activate; ops sit below the model, so named here)
+KERNEL_ACTIVATIONS = ("gelu_pytorch_tanh", "silu")
+
+
 def kernels_apply(x: torch.Tensor) -> bool:
     """Inference on CUDA with Triton installed: the fused kernels of dgemma.ops replace the torch ops."""
     return x.is_cuda and not torch.is_grad_enabled() and triton_available()
@@ -133,7 +137,7 @@ class GatedMLP(nn.Module):
         self.packed = PackedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.use_kernel and self.act_name in ("gelu_pytorch_tanh", "silu") and kernels_apply(x)
+        fused = self.use_kernel and self.act_name in KERNEL_ACTIVATIONS and kernels_apply(x)
         both = self.packed(x) if fused and self.packed is not None else None
         gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
         if fused:
@@ -256,7 +260,7 @@ class Experts(nn.Module):
         return (
             self.use_kernel
             and self.weight_delta is None
-            and self.act_name in ("gelu_pytorch_tanh", "silu")
+            and self.act_name in KERNEL_ACTIVATIONS
             and kernels_apply(x_ND)
         )
 

@@ -204,12 +204,9 @@ def _token_rows(x_BTHE: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x laid out as the kernels read it, and its token stride: each (token, head) row of E values
     contiguous, heads E apart, tokens evenly apart over the batch (a view of one projection's output
     among others, as `PackedLinears` gives, qualifies as it is; anything else is copied)."""
-    b, t, _, e = x_BTHE.shape
-    sb, st, sh, se = x_BTHE.stride()
-    if se == 1 and sh == e and (b == 1 or sb == t * st):
-        return x_BTHE, st
-    x_BTHE = x_BTHE.contiguous()
-    return x_BTHE, x_BTHE.stride(1)
+    *_, h, e = x_BTHE.shape
+    rows = _as_rows(x_BTHE, h * e)  # [B * T, H * E]: merges only where heads are E apart
+    return rows, rows.stride(0)
 
 
 @triton.jit
