@@ -510,14 +510,16 @@ def test_fused_layer_glue_kernels_match_the_torch_ops():
 
 @needs_interpreter
 @pytest.mark.parametrize("own_values", [True, False])  # a sliding layer's v_proj; a full layer's V = raw K
-def test_the_attention_norms_write_keys_and_values_straight_into_the_cache(own_values):
+# a program takes 2 heads of (4, 2); 4 of (6, 3), its last blocks partly masked
+@pytest.mark.parametrize("h, kv", [(4, 2), (6, 3)])
+def test_the_attention_norms_write_keys_and_values_straight_into_the_cache(own_values, h, kv):
     """qkv_norms equals the norms, the rotations and the cache write it replaces, at each row's own
     positions (rows out of order), and touches nothing else in the cache."""
     from dgemma.model.layers import RMSNorm, apply_rope
     from dgemma.ops.norm import qkv_norms
 
     torch.manual_seed(0)
-    b, t, h, kv, e, eps = 2, 5, 4, 2, 16, 0.1  # large and distinct per norm: a mixed-up eps shows
+    b, t, e, eps = 2, 5, 16, 0.1  # eps large and distinct per norm: a mixed-up eps shows
     q_raw, k_raw = torch.randn(b, t, h, e), torch.randn(b, t, kv, e)
     v_raw = torch.randn(b, t, kv, e) if own_values else k_raw
     q_norm, k_norm, v_norm = RMSNorm(e, eps), RMSNorm(e, 2 * eps), RMSNorm(e, 3 * eps, with_scale=False)

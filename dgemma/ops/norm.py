@@ -113,7 +113,7 @@ def residual_norms(
 @triton.jit
 def _ff_combine_kernel(
     r_ptr, m_ptr, e_ptr, w_m_ptr, w_e_ptr, w_ptr, scalar_ptr, out_ptr, w_next_ptr, next_ptr,
-    D, T, K, scalar_stride, eps, next_eps, NEXT: tl.constexpr, BLOCK: tl.constexpr,
+    D, T, scalar_stride, eps, next_eps, K: tl.constexpr, NEXT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -121,7 +121,9 @@ def _ff_combine_kernel(
     dtype = out_ptr.dtype.element_ty
     m = tl.load(m_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
     e = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in range(K):  # the experts' terms, summed in float32 and rounded once (as torch's sum)
+    # the experts' terms, summed in float32 and rounded once (as torch's sum); unrolled, so that all K
+    # rows' loads are in flight together (a loop waited for each in turn)
+    for k in tl.static_range(K):
         e += tl.load(e_ptr + (row * K + k) * D + offs, mask=mask, other=0.0).to(tl.float32)
     e = e.to(dtype).to(tl.float32)
     w_m = tl.load(w_m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -169,8 +171,8 @@ def ff_combine(
     w_next, next_eps = next_norm if next_norm is not None else (w, eps)
     normed = torch.empty_like(out) if next_norm is not None else out
     _ff_combine_kernel[(b * t,)](
-        *outs, w_mlp, w_experts, w, flat, out, w_next, normed, d, t, k,
-        0 if flat.numel() == 1 else flat.stride(0), eps, next_eps, NEXT=next_norm is not None,
+        *outs, w_mlp, w_experts, w, flat, out, w_next, normed, d, t,
+        0 if flat.numel() == 1 else flat.stride(0), eps, next_eps, K=k, NEXT=next_norm is not None,
         **_row_launch(d),
     )  # fmt: skip
     if next_norm is None:
@@ -180,24 +182,36 @@ def ff_combine(
 
 @triton.jit
 def _normed_rotated(
-    x_ptr, x_row, w_ptr, cos_ptr, sin_ptr, token, E, eps, dtype: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr, x_rows, row_ok, w_ptr, cos_ptr, sin_ptr, token, E, eps, dtype: tl.constexpr, HALF: tl.constexpr
 ):  # fmt: skip
-    """The row of E values at offset x_row of x normed, times w, rotated by the tables' row `token`
-    (rotate_half's pairs (i, i + E/2)), each step rounded to `dtype` where the torch composition
-    rounds; float32, masked lanes 0."""
+    """The rows of E values at offsets x_rows [R] of x (those with row_ok) normed, times w, rotated by
+    the tables' row `token`, each step rounded to `dtype` where the torch composition rounds: float32
+    (first half, second half), each [R, HALF], masked lanes 0. rotate_half pairs value i with i + E/2,
+    so each half is read as one contiguous run (no gather of partners). The rows are heads of one
+    token: they share the weight and the tables."""
     half = E // 2
-    offs = tl.arange(0, BLOCK)
-    mask = offs < E
-    partner = tl.where(offs < half, offs + half, offs - half)
-    x = tl.load(x_ptr + x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    x_p = tl.load(x_ptr + x_row + partner, mask=mask, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
-    y = (x * inv * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-    y_p = (x_p * inv * tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-    y_p = tl.where(offs < half, -y_p.to(tl.float32), y_p.to(tl.float32))
-    cos = tl.load(cos_ptr + token * E + offs, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * E + offs, mask=mask, other=0.0).to(tl.float32)
-    return (y * cos).to(dtype).to(tl.float32) + (y_p * sin).to(dtype).to(tl.float32)
+    offs = tl.arange(0, HALF)
+    lane_ok = offs < half
+    mask = row_ok[:, None] & lane_ok[None, :]
+    x_lo = tl.load(x_ptr + x_rows[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_ptr + x_rows[:, None] + half + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    inv = (1.0 / tl.sqrt((tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1)) / E + eps))[:, None]
+    # the weight's and the tables' rows loaded once per head, in the heads' own layout (loaded as one
+    # row, the compiled kernel moved each through shared memory to broadcast it)
+    same = (x_rows * 0)[:, None] + offs[None, :]
+    w_lo = tl.load(w_ptr + same, mask=mask, other=0.0).to(tl.float32)
+    w_hi = tl.load(w_ptr + half + same, mask=mask, other=0.0).to(tl.float32)
+    y_lo = (x_lo * inv * w_lo).to(dtype).to(tl.float32)
+    y_hi = (x_hi * inv * w_hi).to(dtype).to(tl.float32)
+    table = token * E + same
+    cos_lo = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + table + half, mask=mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + table + half, mask=mask, other=0.0).to(tl.float32)
+    # y * cos + rotate_half(y) * sin, rotate_half(y) = (-y_hi, y_lo)
+    lo = (y_lo * cos_lo).to(dtype).to(tl.float32) + (-y_hi * sin_lo).to(dtype).to(tl.float32)
+    hi = (y_hi * cos_hi).to(dtype).to(tl.float32) + (y_lo * sin_hi).to(dtype).to(tl.float32)
+    return lo, hi
 
 
 def _token_rows(x_BTHE: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -209,16 +223,40 @@ def _token_rows(x_BTHE: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows, rows.stride(0)
 
 
+def _head_launch(e: int, *head_counts: int) -> dict:
+    """A program takes HEADS heads of one token (about 1024 values; at most the fewest heads given, so
+    no block is mostly masked), each half row in one run of HALF lanes, eight values a thread: one
+    program per (token, head) row made the norms' launches cost more than their bytes at thousands of
+    tokens."""
+    if e % 2:
+        raise ValueError(f"rotary heads need an even head dim, got {e}")
+    half = triton.next_power_of_2(e // 2)
+    heads = min(max(1, 512 // half), triton.next_power_of_2(min(head_counts)))
+    return {"HEADS": heads, "HALF": half, "num_warps": max(1, min(8, heads * half // 256))}
+
+
 @triton.jit
 def _norm_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, stride_t, eps, BLOCK: tl.constexpr,
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, E, H, stride_t, eps, HEADS: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)  # one (token, head) row of E values
+    blocks = tl.cdiv(H, HEADS)
+    token = tl.program_id(0).to(tl.int64) // blocks  # one token's HEADS heads
+    heads = tl.program_id(0) % blocks * HEADS + tl.arange(0, HEADS)
+    ok = heads < H
     dtype = out_ptr.dtype.element_ty
-    x_row = row // H * stride_t + row % H * E
-    out = _normed_rotated(x_ptr, x_row, w_ptr, cos_ptr, sin_ptr, row // H, E, eps, dtype, BLOCK)
-    offs = tl.arange(0, BLOCK)
-    tl.store(out_ptr + row * E + offs, out.to(dtype), mask=offs < E)
+    x_rows = token * stride_t + heads * E
+    lo, hi = _normed_rotated(x_ptr, x_rows, ok, w_ptr, cos_ptr, sin_ptr, token, E, eps, dtype, HALF)
+    _store_halves(out_ptr + (token * H + heads) * E, ok, lo, hi, E, HALF)
+
+
+@triton.jit
+def _store_halves(row_ptrs, row_ok, lo, hi, E, HALF: tl.constexpr):
+    """Rows [R, E] from their halves [R, HALF], each row at its pointer (row_ptrs [R])."""
+    offs = tl.arange(0, HALF)
+    mask = row_ok[:, None] & (offs < E // 2)[None, :]
+    ptrs = row_ptrs[:, None] + offs[None, :]
+    tl.store(ptrs, lo.to(row_ptrs.dtype.element_ty), mask=mask)
+    tl.store(ptrs + E // 2, hi.to(row_ptrs.dtype.element_ty), mask=mask)
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
@@ -226,9 +264,9 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     b, t, h, e = x.shape
     x2, stride_t = _token_rows(x)
     out = torch.empty(b, t, h, e, dtype=x.dtype, device=x.device)
-    _norm_rope_kernel[(b * t * h,)](
-        x2, weight, cos.contiguous(), sin.contiguous(), out, e, h, stride_t, eps,
-        BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
+    launch = _head_launch(e, h)
+    _norm_rope_kernel[(b * t * triton.cdiv(h, launch["HEADS"]),)](
+        x2, weight, cos.contiguous(), sin.contiguous(), out, e, h, stride_t, eps, **launch,
     )  # fmt: skip
     return out
 
@@ -237,33 +275,42 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 def _qkv_norms_kernel(
     q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr,
     rows_ptr, starts_ptr, T, H, K, E, q_stride_t, k_stride_t, v_stride_t, stride_r, stride_h, stride_s,
-    q_eps, k_eps, v_eps, BLOCK: tl.constexpr,
+    q_eps, k_eps, v_eps, HEADS: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
-    q_rows = tl.num_programs(0) // (H + K) * H  # B * T * H query rows first, then B * T * K K/V rows
+    q_blocks, kv_blocks = tl.cdiv(H, HEADS), tl.cdiv(K, HEADS)
+    # B * T * q_blocks programs of query heads first, then B * T * kv_blocks of K/V heads
+    q_programs = tl.num_programs(0) // (q_blocks + kv_blocks) * q_blocks
     dtype = q_ptr.dtype.element_ty  # the activations' (the cache may store another dtype)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < E
-    if pid < q_rows:  # one (token, query head) row, as _norm_rope_kernel
-        q_row = pid // H * q_stride_t + pid % H * E
-        q = _normed_rotated(q_ptr, q_row, q_w_ptr, cos_ptr, sin_ptr, pid // H, E, q_eps, dtype, BLOCK)
-        tl.store(q_out_ptr + pid * E + offs, q.to(dtype), mask=mask)
-    else:  # one (token, K/V head) row, written at its row's cache position
-        src = pid - q_rows
-        token = src // K  # b * T + t
-        head = src % K
+    if pid < q_programs:  # HEADS query heads of one token, as _norm_rope_kernel
+        token = pid // q_blocks
+        heads = pid % q_blocks * HEADS + tl.arange(0, HEADS)
+        ok = heads < H
+        q_rows = token * q_stride_t + heads * E
+        lo, hi = _normed_rotated(q_ptr, q_rows, ok, q_w_ptr, cos_ptr, sin_ptr, token, E, q_eps, dtype, HALF)
+        _store_halves(q_out_ptr + (token * H + heads) * E, ok, lo.to(dtype), hi.to(dtype), E, HALF)
+    else:  # HEADS K/V heads of one token, written at its row's cache position
+        src = pid - q_programs
+        token = src // kv_blocks  # b * T + t
+        heads = src % kv_blocks * HEADS + tl.arange(0, HEADS)
+        ok = heads < K
         b = token // T
         dst = (
             tl.load(rows_ptr + b).to(tl.int64) * stride_r
-            + head * stride_h
+            + heads * stride_h
             + (tl.load(starts_ptr + b).to(tl.int64) + token % T) * stride_s
         )
-        k_row = token * k_stride_t + head * E
-        k = _normed_rotated(k_ptr, k_row, k_w_ptr, cos_ptr, sin_ptr, token, E, k_eps, dtype, BLOCK)
-        tl.store(keys_ptr + dst + offs, k.to(dtype).to(keys_ptr.dtype.element_ty), mask=mask)
-        v = tl.load(v_ptr + token * v_stride_t + head * E + offs, mask=mask, other=0.0).to(tl.float32)
-        v = _normed(v, E, v_eps).to(dtype)
-        tl.store(values_ptr + dst + offs, v.to(values_ptr.dtype.element_ty), mask=mask)
+        k_rows = token * k_stride_t + heads * E
+        lo, hi = _normed_rotated(k_ptr, k_rows, ok, k_w_ptr, cos_ptr, sin_ptr, token, E, k_eps, dtype, HALF)
+        _store_halves(keys_ptr + dst, ok, lo.to(dtype), hi.to(dtype), E, HALF)
+        # the value norm (no scale), per head over both halves, as _normed
+        offs = tl.arange(0, HALF)
+        mask = ok[:, None] & (offs < E // 2)[None, :]
+        v_ptrs = v_ptr + (token * v_stride_t + heads * E)[:, None] + offs[None, :]
+        v_lo = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+        v_hi = tl.load(v_ptrs + E // 2, mask=mask, other=0.0).to(tl.float32)
+        root = tl.sqrt((tl.sum(v_lo * v_lo, axis=1) + tl.sum(v_hi * v_hi, axis=1)) / E + v_eps)[:, None]
+        _store_halves(values_ptr + dst, ok, (v_lo / root).to(dtype), (v_hi / root).to(dtype), E, HALF)
 
 
 def qkv_norms(
@@ -302,10 +349,12 @@ def qkv_norms(
         )
     (q_raw, q_st), (k_raw, k_st), (v_raw, v_st) = (_token_rows(z) for z in (q_raw, k_raw, v_raw))
     q = torch.empty(b, t, h, e, dtype=q_raw.dtype, device=q_raw.device)
-    _qkv_norms_kernel[(b * t * (h + kv),)](
+    launch = _head_launch(e, h, kv)
+    blocks = triton.cdiv(h, launch["HEADS"]) + triton.cdiv(kv, launch["HEADS"])
+    _qkv_norms_kernel[(b * t * blocks,)](
         q_raw, k_raw, v_raw, *weights, cos.contiguous(), sin.contiguous(), q, keys, values, rows_B,
         starts_B, t, h, kv, e, q_st, k_st, v_st, keys.stride(0), keys.stride(1), keys.stride(2), *eps,
-        BLOCK=triton.next_power_of_2(e), num_warps=4 if e <= 256 else 8,
+        **launch,
     )  # fmt: skip
     return q
 
