@@ -364,7 +364,6 @@ def test_rms_norm_kernel_matches_the_torch_norm(with_scale):
         torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), norm(x), rtol=1e-5, atol=1e-6)
 
 
-@needs_interpreter
 def _vocab_stage_inputs(dtype, monkeypatch):
     """The tiny model in `dtype` with the vocabulary tiles shrunk (vocabulary 384: 4 programs a row, a
     masked tail), and three canvases' hidden states at three scales, canvases and temperatures."""
@@ -381,6 +380,7 @@ def _vocab_stage_inputs(dtype, monkeypatch):
     return model, hidden, canvases, [0.8, torch.tensor(0.55), 0.41]
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
     """The Triton vocabulary passes against the spec (fp32 logits, torch softmaxes, torch.multinomial)
@@ -413,6 +413,43 @@ def test_fused_vocabulary_pass_matches_the_spec(dtype, monkeypatch):
     assert 0 < int(spec[0].accepted) < c  # some positions accepted, some renoised: both branches checked
 
 
+@needs_interpreter
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_vocabulary_passes_on_a_ragged_row(cap, monkeypatch):
+    """vocab_stats and vocab_sample against torch on a vocabulary no tile divides: 300 entries, 32-entry
+    blocks of four groups of 8 neighbours, 96 entries a program, so the last program holds 12 and two of
+    its groups never see an entry. Row 0 ties its maximum across programs, row 1 within a group (the
+    first wins, as torch.argmax), row 2 has its maximum in the ragged tail."""
+    import dgemma.ops.vocab as ops
+
+    monkeypatch.setattr(ops, "BLOCK", 32)
+    monkeypatch.setattr(ops, "SPLIT", 96)
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 300, generator=gen) * 4
+    logits[0, [37, 150]] = 20.0
+    logits[1, [41, 43]] = 20.0
+    logits[2, 295] = 20.0
+    temp = torch.tensor([0.7, 1.0, 1.3])
+    x = (torch.tanh(logits / cap) * cap if cap else logits) / temp[:, None]
+    stats = ops.vocab_stats(logits, temp, cap, torch.bfloat16)
+    assert stats.argmax.tolist() == [37, 41, 295] == x.argmax(-1).tolist()
+    p = x.softmax(-1)
+    want = {
+        "lse": x.logsumexp(-1),
+        "entropy": -(p * p.log()).sum(-1),
+        "top_prob": p.amax(-1),
+        "lse_rounded": x.bfloat16().float().logsumexp(-1),
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(stats, name), value, rtol=1e-5, atol=1e-5, msg=name)
+    noise = torch.empty_like(x).exponential_(generator=gen)
+    probs = torch.empty(3, 300, dtype=torch.bfloat16)
+    token = ops.vocab_sample(logits, temp, cap, stats, noise, probs)
+    assert token.tolist() == (p / noise).argmax(-1).tolist()
+    torch.testing.assert_close(probs, x.bfloat16().float().softmax(-1).bfloat16(), rtol=8e-3, atol=1e-7)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_vocabulary_stage_matches_the_fused_one(dtype, monkeypatch):
     """The batched stage (what the CUDA graph holds: both built-in samplers with per-canvas parameters,

@@ -18,9 +18,11 @@ and a third softmax for the self-conditioning signal: some twenty passes over [R
      writes softmax(tempered) in the model's dtype: the self-conditioning signal, which the soft
      embedding multiplies by the embedding matrix.
 
-Each row is cut into S splits (one program each, so a group of canvases fills the GPU); a split keeps an
-online maximum m, sum s = sum(exp(x - m)) and a = sum(exp(x - m) * (x - m)), which combine exactly:
-logsumexp = m + log s and entropy = log s - a / s (no cancellation when the row is peaked).
+Each row is cut into S splits (one program each, so a group of canvases fills the GPU); within a split
+each group of LANES neighbouring entries keeps an online maximum m, sum s = sum(exp(x - m)) and
+a = sum(exp(x - m) * (x - m)), which combine exactly (the groups' at the end of the program, the splits'
+after the kernel): logsumexp = m + log s and entropy = log s - a / s (no cancellation when the row is
+peaked).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ import triton.language as tl
 # multiple of BLOCK; the release's 262,144 make 8 programs a row)
 BLOCK = 2048
 SPLIT = 16 * BLOCK
+# a block is read as [BLOCK / LANES, LANES]: each group of LANES neighbours (one thread's 16-byte load
+# in the compiled kernel) keeps its own running sums, so a block costs no reduction across threads; the
+# groups' sums combine once, at the end of the program
+LANES = 8
 
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -63,59 +69,84 @@ def _rounded(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _merge(m, s, a, x, WEIGHTED: tl.constexpr):
-    """Fold a block of values x (masked entries -inf) into the running (max, sum, weighted sum); the
-    weighted sum only if WEIGHTED (a is returned as it came otherwise)."""
-    new_m = tl.maximum(m, tl.max(x, axis=0))
-    scale = tl.exp(m - new_m)
-    e = tl.exp(x - new_m)
+def _fold(m, s, a, x, WEIGHTED: tl.constexpr):
+    """Fold a block x [G, LANES] (masked entries -inf) into each group's running max, sum of
+    exp(x - max) and weighted sum of exp(x - max) * (x - max), all [G]; the weighted sum only if
+    WEIGHTED (a is returned as it came otherwise). A group that has seen only masked entries keeps
+    (-inf, 0, 0)."""
+    new_m = tl.maximum(m, tl.max(x, axis=1))
+    base = tl.where(new_m == float("-inf"), 0.0, new_m)  # no NaN from -inf - -inf
+    scale = tl.exp(m - base)
+    e = tl.exp(x - base[:, None])
     if WEIGHTED:
-        d = tl.where(e > 0, x - new_m, 0.0)
-        a = scale * (a + tl.where(s > 0, m - new_m, 0.0) * s) + tl.sum(e * d, axis=0)
-    s = scale * s + tl.sum(e, axis=0)
+        d = tl.where(e > 0, x - base[:, None], 0.0)
+        a = scale * (a + tl.where(s > 0, m - base, 0.0) * s) + tl.sum(e * d, axis=1)
+    s = scale * s + tl.sum(e, axis=1)
     return new_m, s, a
+
+
+@triton.jit
+def _combine(m, s, a):
+    """The groups' (max, sum, weighted sum) [G] as one triple (some group holds a finite max)."""
+    top = tl.max(m, axis=0)
+    scale = tl.exp(m - top)
+    return top, tl.sum(s * scale, axis=0), tl.sum(scale * (a + tl.where(s > 0, m - top, 0.0) * s), axis=0)
+
+
+@triton.jit
+def _first_at(value, index, top):
+    """The smallest index among the groups whose value is top: argmax's first occurrence."""
+    return tl.min(tl.where(value == top, index, 2147483647), axis=0)
 
 
 @triton.jit
 def _stats_kernel(
     logits_ptr, temp_ptr, part_ptr, V, S, cap,
     HAS_CAP: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    LANES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     lo = split * SPLIT
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    a = tl.zeros([], tl.float32)
-    mr = tl.full([], float("-inf"), tl.float32)
-    sr = tl.zeros([], tl.float32)
-    best = tl.zeros([], tl.int32) + lo
+    GROUPS: tl.constexpr = BLOCK // LANES
+    group = tl.arange(0, GROUPS)[:, None] * LANES
+    m = tl.full([GROUPS], float("-inf"), tl.float32)
+    s = tl.zeros([GROUPS], tl.float32)
+    a = tl.zeros([GROUPS], tl.float32)
+    mr = tl.full([GROUPS], float("-inf"), tl.float32)
+    sr = tl.zeros([GROUPS], tl.float32)
+    best = tl.zeros([GROUPS], tl.int32)
     for start in range(lo, lo + SPLIT, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+        offs = start + group + tl.arange(0, LANES)[None, :]
         mask = offs < V
         raw = tl.load(logits_ptr + row * V + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, _tempered(raw, cap, temp, HAS_CAP), float("-inf"))
-        block_max = tl.max(x, axis=0)
-        best = tl.where(block_max > m, start + tl.argmax(x, axis=0), best)
-        m, s, a = _merge(m, s, a, x, WEIGHTED=True)
+        at = start + tl.arange(0, GROUPS) * LANES + tl.argmax(x, axis=1)
+        best = tl.where(tl.max(x, axis=1) > m, at, best)  # strictly: a group keeps its first maximum
+        m, s, a = _fold(m, s, a, x, WEIGHTED=True)
         if ROUND != 0:  # float32 models: the rounded logits are the logits, their sums are (m, s)
-            mr, sr, _ = _merge(mr, sr, a, _rounded(x, ROUND), WEIGHTED=False)
-    if ROUND == 0:
-        mr, sr = m, s
+            mr, sr, _ = _fold(mr, sr, a, _rounded(x, ROUND), WEIGHTED=False)  # -inf stays -inf
     out = part_ptr + (row * S + split) * 6
-    tl.store(out, m)
-    tl.store(out + 1, s)
-    tl.store(out + 2, a)
-    tl.store(out + 3, mr)
-    tl.store(out + 4, sr)
-    tl.store(out + 5, best.to(tl.float32))
+    top, total, weighted = _combine(m, s, a)
+    tl.store(out, top)
+    tl.store(out + 1, total)
+    tl.store(out + 2, weighted)
+    tl.store(out + 5, _first_at(m, best, top).to(tl.float32))
+    if ROUND != 0:
+        top_r, total_r, _ = _combine(mr, sr, sr)
+        tl.store(out + 3, top_r)
+        tl.store(out + 4, total_r)
+    else:
+        tl.store(out + 3, top)
+        tl.store(out + 4, total)
 
 
 @triton.jit
 def _sample_kernel(
     logits_ptr, temp_ptr, lse_ptr, lse_rounded_ptr, noise_ptr, probs_ptr, part_ptr, V, S, cap,
     HAS_CAP: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    LANES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -123,23 +154,27 @@ def _sample_kernel(
     lse = tl.load(lse_ptr + row)
     lse_rounded = tl.load(lse_rounded_ptr + row)
     lo = split * SPLIT
-    top = tl.full([], -1.0, tl.float32)
-    best = tl.zeros([], tl.int32) + lo
+    GROUPS: tl.constexpr = BLOCK // LANES
+    group = tl.arange(0, GROUPS)[:, None] * LANES
+    top = tl.full([GROUPS], -1.0, tl.float32)
+    best = tl.zeros([GROUPS], tl.int32)
     for start in range(lo, lo + SPLIT, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+        offs = start + group + tl.arange(0, LANES)[None, :]
         mask = offs < V
         raw = tl.load(logits_ptr + row * V + offs, mask=mask, other=0.0).to(tl.float32)
         x = _tempered(raw, cap, temp, HAS_CAP)
         q = tl.load(noise_ptr + row * V + offs, mask=mask, other=1.0)
         score = tl.where(mask, tl.exp(x - lse) / q, -1.0)
-        block_top = tl.max(score, axis=0)
-        best = tl.where(block_top > top, start + tl.argmax(score, axis=0), best)
+        block_top = tl.max(score, axis=1)
+        at = start + tl.arange(0, GROUPS) * LANES + tl.argmax(score, axis=1)
+        best = tl.where(block_top > top, at, best)
         top = tl.maximum(top, block_top)
         p = _rounded(tl.exp(_rounded(x, ROUND) - lse_rounded), ROUND)  # exact in the store's dtype
         tl.store(probs_ptr + row * V + offs, p.to(probs_ptr.dtype.element_ty), mask=mask)
     out = part_ptr + (row * S + split) * 2
-    tl.store(out, top)
-    tl.store(out + 1, best.to(tl.float32))
+    split_top = tl.max(top, axis=0)
+    tl.store(out, split_top)
+    tl.store(out + 1, _first_at(top, best, split_top).to(tl.float32))
 
 
 @dataclass(frozen=True)
@@ -174,7 +209,8 @@ def vocab_stats(
     part = torch.empty(rows, grid[1], 6, dtype=torch.float32, device=logits_RV.device)
     _stats_kernel[grid](
         logits_RV, temp_R, part, vocab, grid[1], cap or 1.0,
-        HAS_CAP=cap is not None, ROUND=_ROUNDING[rounding], BLOCK=BLOCK, SPLIT=SPLIT, num_warps=8,
+        HAS_CAP=cap is not None, ROUND=_ROUNDING[rounding], BLOCK=BLOCK, SPLIT=SPLIT, LANES=LANES,
+        num_warps=8,
     )  # fmt: skip
     m, s, a, mr, sr, best = part.unbind(-1)
     top = m.amax(dim=-1, keepdim=True)
@@ -211,7 +247,7 @@ def vocab_sample(
     _sample_kernel[grid](
         logits_RV, temp_R, stats.lse, stats.lse_rounded, noise_RV, probs_RV, part, vocab, grid[1],
         cap or 1.0, HAS_CAP=cap is not None, ROUND=_ROUNDING[probs_RV.dtype], BLOCK=BLOCK, SPLIT=SPLIT,
-        num_warps=8,
+        LANES=LANES, num_warps=8,
     )  # fmt: skip
     top, best = part.unbind(-1)
     return best.gather(1, top.argmax(dim=-1, keepdim=True))[:, 0].long()
