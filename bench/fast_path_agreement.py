@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma import LLM, SamplingParams
+from dgemma.bench import record_header
 from dgemma.engine.generate import Engine, Request
 from dgemma.model.presets import QUANTIZATIONS
 from dgemma.outputs import GenerationOutput
@@ -86,7 +87,10 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     args = parser.parse_args()
-    record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompts": len(PROMPTS)}
+    record = {
+        **record_header("seeded answers of the embedded model: fast path vs pure torch"),
+        "prompts": len(PROMPTS),
+    }
     record["quantization"] = args.quantization
     for dtype in (torch.bfloat16, torch.float32):
         llm = LLM(device="cuda", dtype=dtype, quantization=args.quantization)
