@@ -86,11 +86,12 @@ def _fold(m, s, a, x, WEIGHTED: tl.constexpr):
 
 
 @triton.jit
-def _combine(m, s, a):
-    """The groups' (max, sum, weighted sum) [G] as one triple (some group holds a finite max)."""
+def _combine(m, s):
+    """The groups' running maxima and sums [G] as one (max, sum), and each group's factor exp(m - max)
+    (some group holds a finite max)."""
     top = tl.max(m, axis=0)
     scale = tl.exp(m - top)
-    return top, tl.sum(s * scale, axis=0), tl.sum(scale * (a + tl.where(s > 0, m - top, 0.0) * s), axis=0)
+    return top, tl.sum(s * scale, axis=0), scale
 
 
 @triton.jit
@@ -128,18 +129,16 @@ def _stats_kernel(
         if ROUND != 0:  # float32 models: the rounded logits are the logits, their sums are (m, s)
             mr, sr, _ = _fold(mr, sr, a, _rounded(x, ROUND), WEIGHTED=False)  # -inf stays -inf
     out = part_ptr + (row * S + split) * 6
-    top, total, weighted = _combine(m, s, a)
+    top, total, scale = _combine(m, s)
     tl.store(out, top)
     tl.store(out + 1, total)
-    tl.store(out + 2, weighted)
+    # each group's weighted sum, moved from its own maximum to the program's
+    tl.store(out + 2, tl.sum(scale * (a + tl.where(s > 0, m - top, 0.0) * s), axis=0))
     tl.store(out + 5, _first_at(m, best, top).to(tl.float32))
     if ROUND != 0:
-        top_r, total_r, _ = _combine(mr, sr, sr)
-        tl.store(out + 3, top_r)
-        tl.store(out + 4, total_r)
-    else:
-        tl.store(out + 3, top)
-        tl.store(out + 4, total)
+        top, total, _ = _combine(mr, sr)
+    tl.store(out + 3, top)
+    tl.store(out + 4, total)
 
 
 @triton.jit
