@@ -33,6 +33,7 @@ from dgemma.bench import (
     _engine,
     _random_rope_tables,
     build_model,
+    graph_ms,
     median,
     middle_canvas_step_ms,
     record_header,
@@ -66,26 +67,10 @@ def using(old: dict, on: bool):
             setattr(module, name, fn)
 
 
-def graph_ms(fn, calls: int = 30, reps: int = 10) -> float:
-    """GPU time of one call of fn, from a CUDA graph of `calls` calls replayed `reps` times: alone, a
-    call of these kernels at one canvas takes less GPU time than its launch takes the host."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compiles
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / (reps * calls), 4)
+def gpu_ms(fn, calls: int) -> float:
+    """GPU time of one call, from a CUDA graph of `calls` calls (alone, a call of these kernels at one
+    canvas takes less GPU time than its launch takes the host)."""
+    return round(graph_ms(fn, calls=calls, reps=10), 4)
 
 
 def equal_share(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,7 +113,7 @@ def bench_norms(config: ModelConfig, old, canvases: int) -> list[dict]:
             storage.zero_()
             q = module.qkv_norms(*args, **kwargs)
             out[name] = (q.clone(), storage.clone())
-            out[f"{name}_ms"] = graph_ms(lambda m=module, a=args, k=kwargs: m.qkv_norms(*a, **k))
+            out[f"{name}_ms"] = gpu_ms(lambda m=module, a=args, k=kwargs: m.qkv_norms(*a, **k), 30)
         rows.append(
             {
                 "kernel": "qkv_norms",
@@ -159,7 +144,7 @@ def bench_ff_combine(config: ModelConfig, old, canvases: int) -> dict:
     out = {}
     for name, module in (("old", old), ("new", new_norm)):
         out[name] = module.ff_combine(*args, **kwargs)
-        out[f"{name}_ms"] = graph_ms(lambda m=module: m.ff_combine(*args, **kwargs))
+        out[f"{name}_ms"] = gpu_ms(lambda m=module: m.ff_combine(*args, **kwargs), 30)
     return {
         "kernel": "ff_combine",
         "canvases": canvases,
@@ -190,10 +175,8 @@ def bench_vocab(config: ModelConfig, old, canvases: int) -> dict:
 
         tokens = torch.cat(sample())
         out[name] = (stats, tokens, probs)
-        out[f"{name}_stats_ms"] = graph_ms(
-            lambda m=module: m.vocab_stats(logits, temp, cap, torch.bfloat16), 5
-        )
-        out[f"{name}_sample_ms"] = graph_ms(sample, 5)
+        out[f"{name}_stats_ms"] = gpu_ms(lambda m=module: m.vocab_stats(logits, temp, cap, torch.bfloat16), 5)
+        out[f"{name}_sample_ms"] = gpu_ms(sample, 5)
     (s_old, t_old, p_old), (s_new, t_new, p_new) = out["old"], out["new"]
     return {
         "kernel": "vocab passes",

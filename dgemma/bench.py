@@ -157,6 +157,29 @@ def kernel_ms(fn: Callable[[], object], *, reps: int = 20) -> float:
     return round(start.elapsed_time(end) / reps, 4)
 
 
+def graph_ms(fn: Callable[[], object], *, calls: int = 1, reps: int = 20) -> float:
+    """GPU time of one call of `fn`, from a CUDA graph of `calls` calls replayed `reps` times: no host
+    time counts (alone, a small kernel's launch takes the host longer than the GPU takes to run it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles, fills lazy caches
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / (reps * calls)
+
+
 # Tile sweeps of the expert kernels: (block_n, block_k, num_warps, num_stages, swap_ab), for blocks of
 # few tokens (block_m <= 32: weight streaming) and of many (block_m >= 64: closer to compute-bound).
 GATE_UP_TILES = {
