@@ -205,9 +205,17 @@ def test_align_pads_each_expert_to_whole_blocks():
     assert torch.equal(slot_expert[is_pair].long(), index.reshape(-1)[pair_of_slot[is_pair].long()])
 
 
-def model_and_cache(lengths: list[int]):
+def model_and_cache(lengths: list[int], *, bias: bool = False):
+    """The tiny model (float32; with `bias`, attention biases that differ per mode) and a cache whose
+    first rows hold random prompts of these lengths (one more row: scratch)."""
     config = ModelConfig.from_dict(tiny_config_dict())
+    if bias:
+        config = dataclasses.replace(config, attention_bias=True)
     model = DiffusionGemma.random(config, device="cpu", dtype=torch.float32, seed=3, std=0.1)
+    if bias:
+        for name, p in model.named_parameters():
+            if "_bias." in name:
+                p.data.normal_(0, 0.5)
     cache = model.new_cache(batch_size=len(lengths) + 1, max_length=max(lengths) + 24)
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -285,6 +293,36 @@ def test_runner_buckets_and_eager_path():
     with torch.inference_mode():
         runner.commit([canvas], [1])
     assert cache.lengths() == [4, 6 + model.config.canvas_length, 0]
+
+
+def test_the_runners_prefill_writes_the_cache_as_encode_does():
+    """DenoiseRunner.prefill (the engine's admission; static forwards, as the CUDA graphs run them):
+    prompts right-padded to whole canvases and the batch padded with the scratch row, the same K/V and
+    lengths as `encode`; a width past the rows' storage, or rows that hold tokens, take `encode`."""
+    model, _ = model_and_cache([1])
+    c = model.config.canvas_length  # 16
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 300, (3, 2 * c + 3), generator=gen)
+    for lengths, max_length in (([13, 10, 7], 40), ([2 * c + 3, 20, 1], 3 * c), ([2 * c + 3], 2 * c + 8)):
+        t = max(lengths)
+        # rows 0-3 for requests (batch buckets 1, 2, 4: three prompts take one scratch row), row 4 scratch
+        caches = [model.new_cache(batch_size=5, max_length=max_length) for _ in range(2)]
+        runner = DenoiseRunner(model, caches[1], graphs=False, static=True)
+        with torch.inference_mode():
+            model.encode(ids[: len(lengths), :t], caches[0], rows=[2, 0, 1][: len(lengths)], lengths=lengths)
+            runner.prefill(ids[: len(lengths), :t], [2, 0, 1][: len(lengths)], lengths)
+        assert caches[1].lengths() == caches[0].lengths()
+        for layer in range(len(model.layers)):
+            for row, n in enumerate(caches[0].lengths()[:3]):
+                for want, got in ((caches[0].keys, caches[1].keys), (caches[0].values, caches[1].values)):
+                    torch.testing.assert_close(
+                        got[layer][row, :, :n], want[layer][row, :, :n], rtol=1e-4, atol=1e-5
+                    )
+    with torch.inference_mode():  # row 2 holds the last prompt (35 tokens): 5 more go through encode
+        runner.prefill(ids[:1, :5], [2], [5])
+        model.encode(ids[:1, :5], caches[0], rows=[2])
+    assert caches[1].lengths() == caches[0].lengths() == [0, 0, 2 * c + 8, 0, 0]
+    assert torch.equal(caches[1].keys[0][2, :, : 2 * c + 8], caches[0].keys[0][2, :, : 2 * c + 8])
 
 
 def test_static_encode_writes_the_cache_as_encode_does():
@@ -604,17 +642,19 @@ def test_the_dense_mlps_glue_in_one_kernel_matches_torch(activation, monkeypatch
 
 
 @needs_interpreter
-def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])  # with biases, each mode's own (no packed projections)
+def test_a_layer_with_the_fused_glue_equals_the_plain_layer(bias, monkeypatch):
     """The wiring: Layer and Attention through the fused kernels (forced on, on the CPU: norms, experts
     summed in ff_combine, attention over the cache in place) vs the plain modules, in both modes and
-    mixed (the fused commit's split), and an encode of two right-padded prompts after the rows'
-    prefixes (its causal attention in the kernel): hidden states and the K/V it writes."""
+    mixed (the fused commit's split), an encode of two right-padded prompts after the rows' prefixes
+    (its causal attention in the kernel) and a static encode after those (the runner's prefill and
+    commit): hidden states and the K/V they write."""
     import dgemma.model.attention as attention_module
     import dgemma.model.diffusion_gemma as model_module
     import dgemma.model.layers as layers_module
 
     lengths = [3, 20]
-    model, cache = model_and_cache(lengths)
+    model, cache = model_and_cache(lengths, bias=bias)
     for i, layer in enumerate(model.layers):
         layer.encoder_layer_scalar.fill_(0.5 + 0.1 * i)
         layer.decoder_layer_scalar.fill_(1.5 - 0.1 * i)
@@ -637,7 +677,11 @@ def test_a_layer_with_the_fused_glue_equals_the_plain_layer(monkeypatch):
                 model.commit_denoise_static(commit, canvas, twin, rows, starts),
             ]
             encoded = model.encode(prompts, twin, rows=[1, 0], lengths=[13, 10])  # causal, after the prefixes
-        return [*outs, encoded[0], encoded[1, :10], twin.keys[0][0, :, :13], twin.values[-1][1, :, :33]]
+            # 8 more tokens on each row (and the scratch row from 0), as the runner's graphs write them
+            model.encode_static(
+                prompts[:, :8].repeat(3, 1)[:3], twin, torch.tensor([1, 0, 2]), torch.tensor([33, 13, 0])
+            )
+        return [*outs, encoded[0], encoded[1, :10], twin.keys[0][0, :, :21], twin.values[-1][1, :, :41]]
 
     plain = run()
     for module in (attention_module, model_module, layers_module):  # every kernel, the experts' too

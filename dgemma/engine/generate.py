@@ -297,7 +297,7 @@ class Engine:
             for j, i in enumerate(group):
                 ids[j, : len(prompts[i])] = torch.tensor(prompts[i])
             lengths = [len(prompts[i]) for i in group]
-            self.model.encode(ids, self.cache, rows=[admitted[i].row for i in group], lengths=lengths)
+            self.runner.prefill(ids, [admitted[i].row for i in group], lengths)
         for r in admitted:
             _new_canvas(r, c, vocab)
             self.active.append(r)

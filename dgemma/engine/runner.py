@@ -1,12 +1,13 @@
 """The model calls of an engine step: eager (CPU, the reference path), or replayed from CUDA graphs.
 
 On the GPU a step's forward is thousands of small kernels; replaying a captured graph launches them all
-at once. Three kinds of graph, each per batch bucket (1, 2, 4, 8 ... rows, up to the engine's rows): the
-denoise forward (final hidden states), the commit (encode one canvas per row into the cache) and the two
+at once. Four kinds of graph, each per batch bucket (1, 2, 4, 8 ... rows, up to the engine's rows): the
+denoise forward (final hidden states), the commit (encode one canvas per row into the cache), the two
 fused (commit a canvas and take the next canvas's first denoise step in one forward, reading the weights
-once instead of twice; `fuse_commit=False` runs the commit and the denoise graphs instead). A batch
-is padded to its bucket with the cache's scratch row (the last one, never given to a request), whose
-output is dropped. Graphs are captured on first use and share one memory pool. Inputs go through
+once instead of twice; `fuse_commit=False` runs the commit and the denoise graphs instead), and the
+prompts' prefill, per width in whole canvases as well. A batch is padded to its bucket with the cache's
+scratch row (the last one, never given to a request), whose output is dropped. Graphs are captured on
+first use and share one memory pool. Inputs go through
 static buffers; a denoise output is a view of the graph's own buffer, valid until the next call.
 
 Shape legend: B rows, C canvas tokens, D hidden.
@@ -74,7 +75,8 @@ def buckets_for(num_rows: int) -> tuple[int, ...]:
 
 class DenoiseRunner:
     """`hidden(...)`: the denoiser's hidden states for a batch of canvases; `commit(...)`: encode them;
-    `commit_and_hidden(...)`: both, for a finished canvas and the next one's first step.
+    `commit_and_hidden(...)`: both, for a finished canvas and the next one's first step; `prefill(...)`:
+    encode prompts into empty rows.
 
     `static` runs the graphs' forwards (static shapes, padded batches) without capturing them: on the
     CPU, tests check the fused and padded paths through the engine. With graphs or `static`, the cache's
@@ -151,10 +153,11 @@ class DenoiseRunner:
         self.cache.advance(rows, commits[0].shape[-1])
         return graph.hidden_BCD[: len(rows)]
 
-    def _load(self, kind: str, canvases, rows, starts) -> _Graph:
+    def _load(self, kind: str, canvases, rows, starts, width: int | None = None) -> _Graph:
         b = len(rows)
-        graph = self._graph(kind, next(size for size in self.buckets if size >= b))
-        graph.ids_BC[:b].copy_(torch.cat(list(canvases)))
+        graph = self._graph(kind, next(size for size in self.buckets if size >= b), width)
+        ids = torch.cat(list(canvases))
+        graph.ids_BC[:b, : ids.shape[1]].copy_(ids)
         pad = len(graph.rows_B) - b
         graph.rows_B.copy_(torch.tensor([*rows, *[self.scratch_row] * pad]), non_blocking=True)
         graph.starts_B.copy_(torch.tensor([*starts, *[0] * pad]), non_blocking=True)
@@ -176,7 +179,28 @@ class DenoiseRunner:
             self_conditioning_mask=mask,
         )
 
-    def _graph(self, kind: str, size: int) -> _Graph:
+    def prefill(self, ids_BT: torch.Tensor, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Encode prompts into empty cache rows: ids [B, T] (CPU or device), each row right-padded past
+        its real length in `lengths` (the row's cache advances by that). With the static forwards, one
+        forward per batch bucket and width in whole canvases, padded with the scratch row and with
+        more padding tokens, whose K/V land past each prompt where the canvas's K/V replace them
+        before anything reads them: replayed from a CUDA graph, a 512-token prompt's encode costs the
+        GPU's time, not the host's launches (bench/prefill_graph_probe.py). Rows that hold tokens
+        already, or a width past the rows' storage, take `model.encode`."""
+        rows = list(rows)
+        c = self.model.config.canvas_length
+        width = -(-ids_BT.shape[-1] // c) * c
+        if not self.static or width > self.cache.max_length or any(self.cache.lengths(rows)):
+            self.model.encode(ids_BT, self.cache, rows=rows, lengths=lengths)
+            return
+        ids_BT, lengths = self.model.check_encode(ids_BT, self.cache, rows, lengths)
+        b = len(rows)
+        graph = self._load(f"prefill{width}", [ids_BT[i : i + 1] for i in range(b)], rows, [0] * b, width)
+        graph.replay()
+        for row, n in zip(rows, lengths):
+            self.cache.advance([row], n)
+
+    def _graph(self, kind: str, size: int, width: int | None = None) -> _Graph:
         if (kind, size) in self._captured:
             return self._captured[kind, size]
         # the forwards hold the model and the cache, never the runner: a cycle back to it would keep a
@@ -184,7 +208,7 @@ class DenoiseRunner:
         # (destroying a graph then invalidates the capture)
         model, cache, device = self.model, self.cache, self.model.device
         c, d = model.config.canvas_length, model.config.hidden_size
-        ids = torch.zeros(size, c, dtype=torch.long, device=device)
+        ids = torch.zeros(size, width or c, dtype=torch.long, device=device)
         rows = torch.full((size,), self.scratch_row, dtype=torch.long, device=device)
         starts = torch.zeros(size, dtype=torch.long, device=device)
         soft = commit = None

@@ -141,15 +141,7 @@ class Attention(nn.Module):
         reads them in place, each row over its own keys (so it stays batch-invariant)."""
         b, t, _ = x_BTD.shape
         if rows_B is not None and self._in_place(x_BTD):
-            from dgemma.ops.attention import attend_cache
-
-            q = self._normed_into_cache(x_BTD, cos, sin, cache, layer, rows_B, starts_B)
-            keys, values = cache.keys[layer], cache.values[layer]
-            out = attend_cache(
-                q, keys, values, rows_B, self._window_start(starts_B), starts_B + t, causal_from=starts_B,
-                window=self.spec.window,
-            )  # fmt: skip
-            return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
+            return self._encode_in_place(x_BTD, cos, sin, cache, layer, rows_B, starts_B)
         q, k, v = self.project(x_BTD, cos, sin, denoise=False)
         cache.write(layer, write_index or cache.write_index(rows, t), k, v)
         if not invariant:
@@ -214,13 +206,14 @@ class Attention(nn.Module):
         inference, a head dim the attention kernel takes)."""
         return self.q_norm.use_kernel and kernels_apply(x) and _in_place(self.spec.head_dim, x.dtype)
 
-    def _normed_into_cache(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B, starts_B, split=None):
+    def _normed_into_cache(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B, starts_B, *,
+                           denoise: bool = True, split: int | None = None):  # fmt: skip
         """The kernels' projections and norms: returns q, and writes the T tokens' K/V at each row's
-        positions starts_B[b] + t (`dgemma.ops.norm.qkv_norms`); `split` as in `linear`."""
+        positions starts_B[b] + t (`dgemma.ops.norm.qkv_norms`); `denoise` and `split` as in `linear`."""
         from dgemma.ops.norm import qkv_norms
 
         return qkv_norms(
-            *self.project_raw(x_BTD, denoise=True, split=split),
+            *self.project_raw(x_BTD, denoise=denoise, split=split),
             cos,
             sin,
             weights=(self.q_norm.weight, self.k_norm.weight),
@@ -230,6 +223,20 @@ class Attention(nn.Module):
             rows_B=rows_B,
             starts_B=starts_B,
         )
+
+    def _encode_in_place(self, x_BTD, cos, sin, cache: KVCache, layer: int, rows_B, starts_B):
+        """The kernels' encode (as the fused commit's first half): the norms write the T tokens' K/V
+        into the cache at starts_B[b] + t, and one causal attention call reads them in place, each row
+        over its own keys (so it stays batch-invariant)."""
+        from dgemma.ops.attention import attend_cache
+
+        b, t, _ = x_BTD.shape
+        q = self._normed_into_cache(x_BTD, cos, sin, cache, layer, rows_B, starts_B, denoise=False)
+        out = attend_cache(
+            q, cache.keys[layer], cache.values[layer], rows_B, self._window_start(starts_B), starts_B + t,
+            causal_from=starts_B, window=self.spec.window,
+        )  # fmt: skip
+        return self.linear("o_proj", out.reshape(b, t, -1), denoise=False)
 
     def _window_start(self, end_B: torch.Tensor) -> torch.Tensor:
         """The first key position a query just past end_B - 1 sees: end_B - (window - 1) in a sliding
@@ -273,7 +280,11 @@ class Attention(nn.Module):
                       starts_B: torch.Tensor):  # fmt: skip
         """`encode` for CUDA graphs (rows and prefix lengths as device tensors, shapes fixed by the
         cache): writes the new K/V, then one masked causal attention over every row. Positions past
-        the cache's end are clamped (only the engine's scratch row, which pads a batch, reaches them)."""
+        the cache's end are clamped (only the engine's scratch row, which pads a batch, reaches them).
+        With the kernels (CUDA), as `encode` runs them: the K/V written and read in place (each row's
+        T positions from its start must then lie within the cache's storage)."""
+        if self._in_place(x_BTD):
+            return self._encode_in_place(x_BTD, cos, sin, cache, layer, rows_B, starts_B)
         q, k, v = self.project(x_BTD, cos, sin, denoise=False)
         b, t, _ = x_BTD.shape
         last = cache.max_length - 1

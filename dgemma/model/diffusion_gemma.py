@@ -411,6 +411,18 @@ class DiffusionGemma(nn.Module):
         where no later read looks before the next write replaces them (causal attention keeps them
         from the row's real tokens). The rows need room for T tokens each."""
         rows = cache.rows_or_all(rows)
+        token_ids, lengths = self.check_encode(token_ids, cache, rows, lengths)
+        hidden = self._run_layers(self._embed(token_ids), cache, rows, cache.lengths(rows), denoise=False)
+        for row, n in zip(rows, lengths):
+            cache.advance([row], n)
+        return hidden
+
+    def check_encode(
+        self, token_ids: torch.Tensor, cache: KVCache, rows: Sequence[int], lengths: Sequence[int] | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`encode`'s checks: ids [B, T] in the vocabulary, one row of them per cache row, each row's
+        length 1 to T (None: T), room for T more tokens in each row. Returns the ids on the model's
+        device and the lengths as ints."""
         token_ids = self._check_ids(token_ids, "token_ids")
         b, t = token_ids.shape
         if b != len(rows):
@@ -419,10 +431,7 @@ class DiffusionGemma(nn.Module):
         if len(lengths) != b or not all(0 < n <= t for n in lengths):
             raise RequestError(f"lengths {lengths} must give each of the {b} rows 1 to {t} tokens")
         cache.check_room(rows, t)
-        hidden = self._run_layers(self._embed(token_ids), cache, rows, cache.lengths(rows), denoise=False)
-        for row, n in zip(rows, lengths):
-            cache.advance([row], n)
-        return hidden
+        return token_ids, lengths
 
     def denoise_hidden(
         self,
