@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma.bench import build_model, median, random_prompt, record_header, rel_err, timed_ms
+from dgemma.engine.runner import capture
 from dgemma.model.config import ModelConfig
 from dgemma.model.presets import release_config_dict
 
@@ -52,14 +53,8 @@ def captured_encode(model, ids: torch.Tensor, cache) -> torch.cuda.CUDAGraph:
     def forward():
         model._layers(model._embed(ids), positions, attention, denoise=False, invariant=False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
+    capture(graph, forward, None)
     return graph
 
 

@@ -31,7 +31,7 @@ import torch
 from dgemma.bench_transformers import bench_transformers, ratios
 from dgemma.denoise.sampler import ConfidenceSampler, EntropyBoundSampler, temperature
 from dgemma.engine.generate import GPU_LOGIT_ROWS, Engine, Request
-from dgemma.engine.runner import DenoiseRunner
+from dgemma.engine.runner import DenoiseRunner, capture
 from dgemma.engine.vocab import VocabStage
 from dgemma.errors import ConfigError
 from dgemma.model.config import ModelConfig, parameter_counts
@@ -161,15 +161,8 @@ def kernel_ms(fn: Callable[[], object], *, reps: int = 20) -> float:
 def graph_ms(fn: Callable[[], object], *, calls: int = 1, reps: int = 20) -> float:
     """GPU time of one call of `fn`, from a CUDA graph of `calls` calls replayed `reps` times: no host
     time counts (alone, a small kernel's launch takes the host longer than the GPU takes to run it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compiles, fills lazy caches
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    capture(graph, lambda: [fn() for _ in range(calls)], None)
     graph.replay()
     sync()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -306,8 +299,6 @@ def _fast_vs_pure(model: DiffusionGemma, prompt_len: int) -> dict:
     """Logits of one denoise step after the same prompt, then of the next canvas's first step after a
     commit: fast path (kernels, CUDA graphs, static-shape attention, the commit fused with that first
     step) vs pure-torch path (expert loop, row-by-row attention, encode then denoise), same weights."""
-    from dgemma.engine.runner import DenoiseRunner
-
     c = model.config.canvas_length
     prompt = torch.tensor([random_prompt(model, prompt_len, 1)], device=model.device)
     canvas, commit, following = (
