@@ -7,8 +7,8 @@ fused (commit a canvas and take the next canvas's first denoise step in one forw
 once instead of twice; `fuse_commit=False` runs the commit and the denoise graphs instead), and the
 prompts' prefill, per width in whole canvases as well. A batch is padded to its bucket with the cache's
 scratch row (the last one, never given to a request), whose output is dropped. Graphs are captured on
-first use and share one memory pool. Inputs go through
-static buffers; a denoise output is a view of the graph's own buffer, valid until the next call.
+first use and share one memory pool. Inputs go through static buffers; a denoise output is a view of the
+graph's own buffer, valid until the next call.
 
 Shape legend: B rows, C canvas tokens, D hidden.
 """
