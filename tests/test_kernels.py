@@ -403,8 +403,9 @@ def test_rms_norm_kernel_matches_the_torch_norm(with_scale):
 
 
 def _vocab_stage_inputs(dtype, monkeypatch):
-    """The tiny model in `dtype` with the vocabulary tiles shrunk (vocabulary 384: 4 programs a row, a
-    masked tail), and three canvases' hidden states at three scales, canvases and temperatures."""
+    """The tiny model in `dtype` with the vocabulary tiles shrunk (vocabulary 384: 4 programs a row; a
+    ragged tail is test_vocabulary_passes_on_a_ragged_row's), and three canvases' hidden states at three
+    scales, canvases and temperatures."""
     import dgemma.ops.vocab as ops
 
     monkeypatch.setattr(ops, "BLOCK", 32)
