@@ -32,9 +32,9 @@ import dgemma.ops.vocab as new_vocab
 from dgemma.bench import (
     _engine,
     _random_rope_tables,
+    alternated_steps,
     build_model,
     graph_ms,
-    median,
     middle_canvas_step_ms,
     record_header,
     rel_err,
@@ -217,25 +217,20 @@ def main() -> None:
             print(row, flush=True)
         Path(args.json).write_text(json.dumps(record, indent=1))
         model = build_model(config, None, torch.bfloat16)
+
+        def step_ms(n: int, version: str) -> float:
+            with using(old, version == "old"):
+                return middle_canvas_step_ms(model, _engine(model, n, PROMPT, 3), PROMPT, STEPS)
+
         record["steps"] = []
-        for n in counts:
-            for attempt in range(args.rounds):
-                for version in ("new", "old"):
-                    with using(old, version == "old"):
-                        ms = middle_canvas_step_ms(model, _engine(model, n, PROMPT, 3), PROMPT, STEPS)
-                    record["steps"].append(
-                        {"canvases": n, "version": version, "attempt": attempt, "step_ms": ms}
-                    )
-                    print(f"{n} canvases, {version}: step {ms:.3f} ms", flush=True)
-                    Path(args.json).write_text(json.dumps(record, indent=1))
-    record["summary"] = {
-        f"{n}_canvases_{version}_ms": round(
-            median([r["step_ms"] for r in record["steps"] if r["canvases"] == n and r["version"] == version]),
-            3,
+        record["summary"] = alternated_steps(
+            counts,
+            args.rounds,
+            [(v, v, lambda n, v=v: step_ms(n, v)) for v in ("new", "old")],
+            field="version",
+            runs=record["steps"],
+            save=lambda: Path(args.json).write_text(json.dumps(record, indent=1)),
         )
-        for n in counts
-        for version in ("new", "old")
-    }
     print(record["summary"])
     Path(args.json).write_text(json.dumps(record, indent=1))
 

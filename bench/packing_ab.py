@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma.bench import (
     _engine,
+    alternated_steps,
     build_model,
-    median,
     middle_canvas_step_ms,
     random_prompt,
     record_header,
@@ -77,23 +77,20 @@ def main() -> None:
             engine = None
         record["hidden_rel_err_packed_vs_separate"] = rel_err(hidden[True], hidden[False])
         print("hidden states, packed vs separate:", record["hidden_rel_err_packed_vs_separate"], flush=True)
-        for n in (int(v) for v in args.canvases.split(",")):
-            for attempt in range(args.rounds):
-                for packed in (True, False):
-                    set_packed(model, packed)
-                    ms = middle_canvas_step_ms(model, _engine(model, n, PROMPT, 3), PROMPT, STEPS)
-                    record["runs"].append(
-                        {"canvases": n, "packed": packed, "attempt": attempt, "step_ms": ms}
-                    )
-                    print(f"{n} canvases, packed {packed}: step {ms:.3f} ms", flush=True)
-                    Path(args.json).write_text(json.dumps(record, indent=1))
-    summary = {}
-    for n in sorted({r["canvases"] for r in record["runs"]}):
-        for packed in (True, False):
-            ms = [r["step_ms"] for r in record["runs"] if r["canvases"] == n and r["packed"] == packed]
-            summary[f"{n}_canvases_{'packed' if packed else 'separate'}_ms"] = round(median(ms), 3)
-    record["summary"] = summary
-    print(summary)
+
+        def step_ms(n: int, packed: bool) -> float:
+            set_packed(model, packed)
+            return middle_canvas_step_ms(model, _engine(model, n, PROMPT, 3), PROMPT, STEPS)
+
+        record["summary"] = alternated_steps(
+            [int(v) for v in args.canvases.split(",")],
+            args.rounds,
+            [("packed", True, lambda n: step_ms(n, True)), ("separate", False, lambda n: step_ms(n, False))],
+            field="packed",
+            runs=record["runs"],
+            save=lambda: Path(args.json).write_text(json.dumps(record, indent=1)),
+        )
+    print(record["summary"])
     Path(args.json).write_text(json.dumps(record, indent=1))
 
 

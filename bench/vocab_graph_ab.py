@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma.bench import _engine, build_model, median, middle_canvas_step_ms, record_header
+from dgemma.bench import _engine, alternated_steps, build_model, middle_canvas_step_ms, record_header
 from dgemma.engine.vocab import VocabStage
 from dgemma.model.config import ModelConfig
 from dgemma.model.presets import release_config_dict
@@ -48,20 +48,18 @@ def main() -> None:
     }
     model = build_model(ModelConfig.from_dict(release_config_dict()), None, torch.bfloat16)
     with torch.inference_mode():
-        for n in (int(c) for c in args.canvases.split(",")):
-            for attempt in range(args.rounds):
-                for graphs in (True, False):
-                    ms = step_ms(model, n, graphs)
-                    record["runs"].append({"canvases": n, "graph": graphs, "attempt": attempt, "step_ms": ms})
-                    print(f"{n} canvases, vocabulary graph {graphs}: step {ms:.3f} ms", flush=True)
-                    Path(args.json).write_text(json.dumps(record, indent=1))
-    summary = {}
-    for n in sorted({r["canvases"] for r in record["runs"]}):
-        for graphs in (True, False):
-            runs = [r["step_ms"] for r in record["runs"] if r["canvases"] == n and r["graph"] == graphs]
-            summary[f"{n}_canvases_{'graph' if graphs else 'eager'}_ms"] = median(runs)
-    record["median_step_ms"] = summary
-    print(json.dumps(summary), flush=True)
+        record["median_step_ms"] = alternated_steps(
+            [int(c) for c in args.canvases.split(",")],
+            args.rounds,
+            [
+                ("graph", True, lambda n: step_ms(model, n, True)),
+                ("eager", False, lambda n: step_ms(model, n, False)),
+            ],
+            field="graph",
+            runs=record["runs"],
+            save=lambda: Path(args.json).write_text(json.dumps(record, indent=1)),
+        )
+    print(json.dumps(record["median_step_ms"]), flush=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
 
 

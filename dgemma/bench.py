@@ -764,6 +764,35 @@ def middle_canvas_step_ms(model: DiffusionGemma, engine: Engine, prompt_len: int
     return median(step_ms[steps + 1 : 2 * steps - 1])
 
 
+def alternated_steps(
+    counts: Sequence[int],
+    rounds: int,
+    variants: Sequence[tuple[str, object, Callable[[int], float]]],
+    *,
+    field: str,
+    runs: list[dict],
+    save: Callable[[], object],
+) -> dict[str, float]:
+    """An A/B of the engine's step in one process: for each count of canvases, `rounds` rounds of every
+    variant (label, its value of `field` in the runs, n -> step ms) one after the other, so a machine's
+    drift falls on all alike. Appends each run to `runs` ({"canvases", field, "attempt", "step_ms"}),
+    calls `save` after each, and returns the medians {"{n}_canvases_{label}_ms": ms}."""
+    for n in counts:
+        for attempt in range(rounds):
+            for label, value, step_ms in variants:
+                ms = step_ms(n)
+                runs.append({"canvases": n, field: value, "attempt": attempt, "step_ms": ms})
+                print(f"{n} canvases, {label}: step {ms:.3f} ms", flush=True)
+                save()
+    return {
+        f"{n}_canvases_{label}_ms": round(
+            median([r["step_ms"] for r in runs if r["canvases"] == n and r[field] == value]), 3
+        )
+        for n in counts
+        for label, value, _ in variants
+    }
+
+
 def bench_canvases(model: DiffusionGemma, prompt_len: int, counts: Sequence[int], steps: int) -> dict:
     """Median step time with n canvases denoised in one step (n users), and its ratio to one."""
     out: dict = {}

@@ -194,8 +194,7 @@ class DenoiseRunner:
             self.model.encode(ids_BT, self.cache, rows=rows, lengths=lengths)
             return
         ids_BT, lengths = self.model.check_encode(ids_BT, self.cache, rows, lengths)
-        b = len(rows)
-        graph = self._load(f"prefill{width}", [ids_BT[i : i + 1] for i in range(b)], rows, [0] * b, width)
+        graph = self._load(f"prefill{width}", [ids_BT], rows, [0] * len(rows), width)
         graph.replay()
         for row, n in zip(rows, lengths):
             self.cache.advance([row], n)
